@@ -1,0 +1,122 @@
+"""The `pgjob` command: parse, call the library, print. No logic lives here."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__, endpoint, health
+from .errors import PgJobError
+from .home import open_home
+
+HOME_HELP = "Instance home (default: $PGJOB_HOME, else ~/.pgjob/default)."
+
+
+class Group(click.Group):
+    """Expected failures become one clear message and a documented exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PgJobError as exc:
+            click.echo(f"pgjob: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+def home_option(f):
+    return click.option("--home", envvar="PGJOB_HOME", type=click.Path(), help=HOME_HELP)(f)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="pgjob")
+def main() -> None:
+    """Run a PostgreSQL server inside a batch job, for Optuna studies and the like."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s pgjob: %(message)s", datefmt="%H:%M:%S")
+
+
+@main.command()
+@home_option
+@click.option("--workers", type=int, help="Worker processes to plan connections for (default 64).")
+@click.option("--port", type=int, help="Preferred TCP port (default 5432; a free one is used if taken).")
+@click.option("--database", help="Study database name (default optuna).")
+@click.option("--user", help="Application role name (default optuna).")
+@click.option("--allow", multiple=True, metavar="CIDR",
+              help="Network allowed to connect; repeatable (default: the serving node's networks).")
+@click.option("--pg-bin", envvar="PGJOB_PG_BIN", type=click.Path(),
+              help="Folder holding initdb and postgres.")
+@click.option("--run-as", help="As root: the account PostgreSQL runs as (default postgres).")
+def init(home, **options) -> None:
+    """Create an instance home, or check and repair an existing one (data is kept)."""
+    from .initialize import init as do_init
+
+    result = do_init(home, **options)
+    verb = "created" if result.created else "checked and repaired"
+    click.echo(f"pgjob home {verb}: {result.home.path}")
+    click.echo(f"next: `pgjob serve --home {result.home.path}` (or sbatch "
+               "jobscripts/pgjob-serve.sh), then `pgjob url --wait 60` in workers")
+
+
+@main.command()
+@home_option
+@click.option("--host", default="", help="Address to publish and listen on (default: this node's cluster address).")
+@click.option("--interface", default="", help="Network interface whose address to use, e.g. ib0.")
+@click.option("--run-as", default="", help="As root: the account PostgreSQL runs as.")
+@click.option("--health-interval", default=5.0, show_default=True, help="Seconds between health checks.")
+def serve(home, **options) -> None:
+    """Run the server in the foreground until stopped (the body of a batch job)."""
+    from .serve import serve as do_serve
+
+    sys.exit(do_serve(home, **options))
+
+
+@main.command()
+@home_option
+@click.option("--wait", default=0.0, metavar="SECONDS",
+              help="Wait this long for the server to be published and answer.")
+@click.option("--format", "fmt", type=click.Choice(["sqlalchemy", "libpq", "json", "env"]),
+              default="sqlalchemy", show_default=True)
+def url(home, wait, fmt) -> None:
+    """Print how to connect to the published server (no password: it stays in a passfile)."""
+    found = endpoint.wait_connectable(open_home(home).require(), timeout=wait)
+    click.echo({"sqlalchemy": found.sqlalchemy_url, "libpq": found.libpq_url,
+                "json": found.to_json, "env": found.env_lines}[fmt]().rstrip("\n"))
+
+
+@main.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(home, as_json) -> None:
+    """Health check: exit 0 healthy, 1 degraded, 2 down or not published."""
+    result = health.check(open_home(home).require())
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else health.render(result))
+    sys.exit(result.level)
+
+
+@main.command()
+@home_option
+@click.option("--wait", default=0.0, metavar="SECONDS", help="Wait this long for the server to stop.")
+def stop(home, wait) -> None:
+    """Ask the serving process to stop cleanly (works from any node that sees the home)."""
+    from .serve import request_stop
+
+    if request_stop(home, wait):
+        click.echo("pgjob: stopped")
+    elif wait:
+        raise PgJobError(f"the server was asked to stop but still runs after {wait:.0f} s; "
+                         "see `pgjob status` and the job's log")
+    else:
+        click.echo("pgjob: stop requested (use --wait SECONDS to wait for it)")
+
+
+@main.command()
+@click.option("--workers", default=3, show_default=True, help="Local worker processes.")
+@click.option("--trials", default=30, show_default=True, help="Trials in the demo study.")
+@click.option("--keep", is_flag=True, help="Keep the temporary home afterwards.")
+def demo(workers, trials, keep) -> None:
+    """Show the whole flow on this machine: init, serve, workers, status, stop."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(workers=workers, trials=trials, keep=keep, say=click.echo))

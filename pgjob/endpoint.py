@@ -1,0 +1,150 @@
+"""Publishing, reading and waiting for the connection endpoint of a home.
+
+The endpoint file is replaced atomically, so a reader sees either the old content or the
+new, never half of it. Withdrawing rewrites it as "withdrawn" (keeping the generation),
+so a stale address is never handed out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+
+from .cluster import connect
+from .errors import NotPublished
+from .home import Home
+from .waiting import until
+
+SERVING = "serving"
+WITHDRAWN = "withdrawn"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    database: str
+    user: str
+    passfile: str
+    node: str
+    job_id: str
+    scheduler: str
+    pid: int
+    started_at: float
+    generation: int
+    system_identifier: str
+    state: str = SERVING
+
+    def sqlalchemy_url(self) -> str:
+        return (f"postgresql+psycopg://{quote(self.user)}@{self.host}:{self.port}/"
+                f"{quote(self.database)}?passfile={quote(self.passfile)}")
+
+    def libpq_url(self) -> str:
+        return (f"postgresql://{quote(self.user)}@{self.host}:{self.port}/"
+                f"{quote(self.database)}?passfile={quote(self.passfile)}")
+
+    def env_lines(self) -> str:
+        pairs = {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": self.database,
+                 "PGUSER": self.user, "PGPASSFILE": self.passfile,
+                 "PGJOB_URL": self.sqlalchemy_url()}
+        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in pairs.items())
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def connect(self, timeout: float = 5) -> psycopg.Connection:
+        return connect(host=self.host, port=self.port, user=self.user, dbname=self.database,
+                       passfile=Path(self.passfile), timeout=timeout)
+
+
+def read_raw(home: Home) -> dict | None:
+    """The endpoint file's fields, or None when it is missing or not (yet) valid JSON."""
+    try:
+        data = json.loads(home.endpoint_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read(home: Home) -> Endpoint | None:
+    """The published endpoint, or None when nothing usable is published."""
+    data = read_raw(home)
+    if not data or data.get("state") != SERVING:
+        return None
+    try:
+        return Endpoint(**{f.name: data[f.name] for f in dataclasses.fields(Endpoint)})
+    except (KeyError, TypeError):
+        return None
+
+
+def last_generation(home: Home) -> int:
+    data = read_raw(home) or {}
+    value = data.get("generation", 0)
+    return value if isinstance(value, int) else 0
+
+
+def publish(home: Home, endpoint: Endpoint) -> None:
+    home.write(home.endpoint_file, endpoint.to_json())
+
+
+def withdraw(home: Home, reason: str) -> None:
+    """Mark the endpoint withdrawn so no client is sent to a server that is going away."""
+    data = read_raw(home) or {}
+    home.write(home.endpoint_file, json.dumps(
+        {"state": WITHDRAWN, "generation": data.get("generation", 0), "reason": reason,
+         "node": data.get("node", ""), "job_id": data.get("job_id", "")}, indent=2) + "\n")
+
+
+def _describe(home: Home) -> str:
+    data = read_raw(home)
+    if data is None:
+        if home.endpoint_file.exists():
+            return f"the endpoint file {home.endpoint_file} is unreadable or half-written"
+        return "no server has been published for it yet"
+    if data.get("state") == WITHDRAWN:
+        return f"its server was stopped ({data.get('reason', 'withdrawn')})"
+    return "its endpoint file is incomplete"
+
+
+def check(endpoint: Endpoint, timeout: float = 5) -> str | None:
+    """None when an authenticated connection works, else why it did not."""
+    try:
+        with endpoint.connect(timeout=timeout) as conn:
+            conn.execute("select 1")
+        return None
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def wait_connectable(home: Home, timeout: float = 0) -> Endpoint:
+    """The published endpoint once an authenticated connection to it succeeds.
+
+    Waits up to `timeout` seconds (0: one look). Raises NotPublished saying what was seen.
+    """
+    last_problem: list[str] = []
+
+    def attempt() -> Endpoint | None:
+        found = read(home)
+        if found is None:
+            last_problem[:] = [f"nothing is served for {home.path}: {_describe(home)}"]
+            return None
+        problem = check(found)
+        if problem:
+            last_problem[:] = [f"the server published at {found.host}:{found.port} "
+                               f"(node {found.node}, job {found.job_id or '-'}) does not "
+                               f"accept connections: {problem}"]
+            return None
+        return found
+
+    got = until(attempt, timeout, interval=0.2, max_interval=5)
+    if got is None:
+        waited = f" after waiting {timeout:.0f} s" if timeout else ""
+        raise NotPublished(f"{last_problem[0]}{waited}. Start the server with "
+                           "`sbatch jobscripts/pgjob-serve.sh` or `pgjob serve`, check it with "
+                           "`pgjob status`, or wait longer with --wait SECONDS.")
+    return got

@@ -1,0 +1,124 @@
+"""The checks behind `pgjob status`: what a person or a script needs to know at a glance."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import psycopg
+
+from . import endpoint
+from .home import Home
+
+HEALTHY, DEGRADED, DOWN = 0, 1, 2
+LEVEL_NAMES = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down"}
+CONNECTIONS_WARN = 0.8
+DISK_FREE_WARN = 0.10
+
+_STUDY_COUNTS = """
+select s.study_name, coalesce(t.state::text, ''), count(t.trial_id)
+from studies s left join trials t on t.study_id = s.study_id
+group by 1, 2 order by 1, 2
+"""
+
+
+@dataclass
+class Status:
+    level: int = HEALTHY
+    facts: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def worse(self, level: int, problem: str) -> None:
+        self.level = max(self.level, level)
+        self.problems.append(problem)
+
+    def as_dict(self) -> dict:
+        return {"state": LEVEL_NAMES[self.level], "exit_code": self.level,
+                "problems": self.problems, **self.facts}
+
+
+def _disk(status: Status, home: Home) -> None:
+    try:
+        usage = psutil.disk_usage(str(home.data))
+    except OSError:
+        return
+    free = usage.free / usage.total if usage.total else 1.0
+    status.facts["disk_free_bytes"] = usage.free
+    status.facts["disk_free_fraction"] = round(free, 3)
+    if free < DISK_FREE_WARN:
+        status.worse(DEGRADED, f"only {free:.0%} disk free where the data lives ({home.data})")
+
+
+def _server_facts(status: Status, conn: psycopg.Connection) -> None:
+    version, uptime, used, most, size = conn.execute(
+        "select current_setting('server_version'), "
+        "extract(epoch from now() - pg_postmaster_start_time())::float8, "
+        "(select count(*) from pg_stat_activity where backend_type = 'client backend'), "
+        "current_setting('max_connections')::int, pg_database_size(current_database())"
+    ).fetchone()
+    status.facts.update(server_version=version, uptime_seconds=round(uptime, 1),
+                        connections=used, max_connections=most, database_bytes=size)
+    if used > CONNECTIONS_WARN * most:
+        status.worse(DEGRADED, f"{used} of {most} connections in use; raise --workers with "
+                               "`pgjob init --workers N` and restart the server")
+    studies: dict[str, dict[str, int]] = {}
+    if conn.execute("select to_regclass('public.studies') is not null").fetchone()[0]:
+        for name, state, count in conn.execute(_STUDY_COUNTS):
+            counts = studies.setdefault(name, {})
+            if state:
+                counts[state] = count
+    status.facts["studies"] = studies
+
+
+def check(home: Home) -> Status:
+    status = Status()
+    status.facts["home"] = str(home.path)
+    _disk(status, home)
+    published = endpoint.read(home)
+    if published is None:
+        status.facts["published"] = False
+        status.worse(DOWN, "no server is published for this home; start one with "
+                           "`sbatch jobscripts/pgjob-serve.sh` or `pgjob serve`")
+        return status
+    status.facts.update(published=True, host=published.host, port=published.port,
+                        node=published.node, job_id=published.job_id,
+                        scheduler=published.scheduler, generation=published.generation,
+                        database=published.database, user=published.user,
+                        published_seconds_ago=round(time.time() - published.started_at, 1))
+    try:
+        with published.connect(timeout=5) as conn:
+            _server_facts(status, conn)
+        status.facts["reachable"] = True
+    except psycopg.Error as exc:
+        status.facts["reachable"] = False
+        status.worse(DOWN, f"the server published at {published.host}:{published.port} does "
+                           f"not answer: {str(exc).strip().splitlines()[0] if str(exc) else exc}")
+    return status
+
+
+def render(status: Status) -> str:
+    """The human-readable form of a status: a headline, then facts, then problems."""
+    f = status.facts
+    lines = [f"pgjob: {LEVEL_NAMES[status.level]}", f"home:        {f['home']}"]
+    if f.get("published"):
+        lines.append(f"server:      {f['host']}:{f['port']} (node {f['node']}, job "
+                     f"{f['job_id'] or '-'}, generation {f['generation']})")
+    if "server_version" in f:
+        lines += [f"version:     PostgreSQL {f['server_version']}",
+                  f"uptime:      {_duration(f['uptime_seconds'])}",
+                  f"connections: {f['connections']} of {f['max_connections']}",
+                  f"database:    {f['database']} ({f['database_bytes'] / 2**20:.1f} MiB)"]
+    if "disk_free_bytes" in f:
+        lines.append(f"disk free:   {f['disk_free_bytes'] / 2**30:.1f} GiB "
+                     f"({f['disk_free_fraction']:.0%})")
+    for name, counts in (f.get("studies") or {}).items():
+        shown = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
+        lines.append(f"study {name}: {shown}")
+    lines += [f"problem:     {p}" for p in status.problems]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"

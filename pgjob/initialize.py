@@ -1,0 +1,178 @@
+"""`pgjob init`: create an instance home, or check and repair an existing one."""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from psycopg import sql
+
+from . import binaries, conf, netinfo
+from .cluster import Server, initdb, private_socket_dir
+from .errors import UsageError
+from .home import Home, Settings, open_home
+from .proc import Account
+
+
+@dataclass(frozen=True)
+class InitResult:
+    home: Home
+    settings: Settings
+    created: bool  # False: an existing home was checked and repaired
+
+
+def passfile_line(user: str, password: str) -> str:
+    return f"*:*:*:{user}:{password}\n"
+
+
+def password_from(passfile: Path) -> str:
+    return passfile.read_text().strip().split(":", 4)[4]
+
+
+def _check_target(home: Home) -> None:
+    path = home.path
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a directory; choose another --home")
+    leftovers = {"data", "secrets", "logs", "run"}  # of an init that failed half-way
+    if path.is_dir() and not home.is_home() and any(
+            p.name not in leftovers for p in path.iterdir()):
+        raise UsageError(f"{path} is not empty and is not a pgjob home; refusing to use it. "
+                         "Choose an empty or new directory for --home")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
+        raise UsageError(f"cannot create {path}: {parent} is not writable by you; "
+                         "choose a --home under a directory you own (on the shared filesystem)")
+    if home.owner is not None:
+        _check_reachable(path, home.owner)
+
+
+def _check_reachable(path: Path, account: Account) -> None:
+    """As root, make sure the account the server runs as can reach the home at all."""
+    for ancestor in reversed(path.parents):
+        st = ancestor.stat()
+        bits = (stat.S_IXUSR if st.st_uid == account.uid else
+                stat.S_IXGRP if st.st_gid == account.gid else stat.S_IXOTH)
+        if not st.st_mode & bits:
+            raise UsageError(
+                f"the server runs as {account.name}, who cannot enter {ancestor}; choose a "
+                f"--home that {account.name} can reach (e.g. under /var/tmp or its own home "
+                "directory), or run pgjob as that user")
+
+
+def merged_settings(home: Home, **options) -> Settings:
+    """Existing settings with the options that were given on this command line."""
+    base = home.settings() if home.is_home() else Settings()
+    given = {k: v for k, v in options.items() if v not in (None, ())}
+    if "allow" in given:
+        given["allow"] = tuple(conf.normalize_network(n) for n in given["allow"])
+    if given.get("workers", 1) < 1 or not 0 < given.get("port", 1) < 65536:
+        raise UsageError("--workers must be at least 1 and --port between 1 and 65535")
+    return replace(base, **given)
+
+
+def write_server_conf(home: Home, settings: Settings, params: dict, networks: tuple[str, ...]):
+    """pgjob.conf, the include line and our pg_hba block, inside the data directory."""
+    data = home.data
+    home.write(data / "pgjob.conf", conf.render_conf(params))
+    included = conf.ensure_include(data / "postgresql.conf")
+    if included is not None:
+        home.write(data / "postgresql.conf", included)
+    hba = data / "pg_hba.conf"
+    block = conf.hba_block(conf.Access(settings.database, settings.user,
+                                       settings.superuser, networks))
+    home.write(hba, conf.merge_hba(hba.read_text() if hba.exists() else None, block))
+
+
+def allowed_networks(settings: Settings) -> tuple[str, ...]:
+    return settings.allow or netinfo.networks()
+
+
+def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
+    su_password = secrets.token_urlsafe(32)
+    app_password = secrets.token_urlsafe(32)
+    home.write(home.superuser_passfile, passfile_line(settings.superuser, su_password))
+    home.write(home.app_passfile, passfile_line(settings.user, app_password))
+    pwfile = home.secrets / "initdb.pw"
+    home.write(pwfile, su_password + "\n")
+    try:
+        initdb(bindir, home.data, superuser=settings.superuser, pwfile=pwfile,
+               account=home.owner)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    # initdb's own pg_hba defaults allow more than we promise: start from our block alone.
+    (home.data / "pg_hba.conf").unlink()
+    write_server_conf(home, settings, conf.static_params(settings.workers),
+                      allowed_networks(settings))
+    _create_role_and_database(home, settings, bindir, app_password)
+
+
+def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
+                              app_password: str) -> None:
+    socket_dir = private_socket_dir(home.owner)
+    server = Server(bindir=bindir, data=home.data, log=home.ensure_file(home.server_log), socket_dir=socket_dir,
+                    port=settings.port, superuser=settings.superuser,
+                    passfile=home.superuser_passfile, account=home.owner)
+    home.write(home.data / "pgjob.conf", conf.render_conf(
+        {**conf.static_params(settings.workers), "port": settings.port,
+         "unix_socket_directories": str(socket_dir)}))
+    server.start()
+    try:
+        with server.connect() as conn:
+            verifier = conn.pgconn.encrypt_password(
+                app_password.encode(), settings.user.encode(), b"scram-sha-256").decode()
+            role, db = sql.Identifier(settings.user), sql.Identifier(settings.database)
+            conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole "
+                                 "password {}").format(role, sql.Literal(verifier)))
+            conn.execute(sql.SQL("create database {} owner {}").format(db, role))
+            conn.execute(sql.SQL("revoke all on database {} from public").format(db))
+    finally:
+        server.stop()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    home.write(home.data / "pgjob.conf", conf.render_conf(conf.static_params(settings.workers)))
+
+
+def _repair(home: Home, settings: Settings) -> None:
+    for secret in (home.app_passfile, home.superuser_passfile):
+        if not secret.is_file():
+            raise UsageError(f"{secret} is missing: pgjob cannot reach the server without "
+                             "it. Restore it from a backup of the home, or start a new home "
+                             "with `pgjob init --home NEWDIR` and `pgjob restore`")
+        os.chmod(secret, 0o600)
+    if not (home.data / "PG_VERSION").is_file():
+        raise UsageError(f"{home.data} holds no PostgreSQL data directory (no PG_VERSION); "
+                         "the home is damaged: restore the data directory from a backup")
+    os.chmod(home.data, 0o700)
+    write_server_conf(home, settings, conf.static_params(settings.workers),
+                      allowed_networks(settings))
+
+
+def init(home_option, *, workers=None, port=None, database=None, user=None, allow=(),
+         pg_bin=None, run_as=None) -> InitResult:
+    home = open_home(home_option, run_as or "", server=True)
+    _check_target(home)
+    existed = home.is_home()
+    settings = merged_settings(home, workers=workers, port=port, database=database,
+                               user=user, allow=tuple(allow), run_as=run_as)
+    if existed and (database or user) and (settings.database, settings.user) != (
+            home.settings().database, home.settings().user):
+        raise UsageError("--database and --user cannot change on an existing home; "
+                         "create a new home for a new database")
+    bindir = binaries.find(pg_bin or settings.pg_bin)
+    settings = replace(settings, pg_bin=str(bindir))
+    home.path.mkdir(parents=True, exist_ok=True)
+    home.mkdir(home.path)
+    for sub in (home.secrets, home.logs, home.run):
+        home.mkdir(sub)
+    if existed and (home.data / "PG_VERSION").exists():
+        _repair(home, settings)
+    else:
+        if home.data.exists():
+            shutil.rmtree(home.data)  # a half-made data directory from a failed init
+        _create_cluster(home, settings, bindir)
+    home.save_settings(settings)  # last: a home counts as made only once all of it is
+    return InitResult(home=home, settings=settings, created=not existed)

@@ -1,0 +1,58 @@
+"""This node's addresses and networks, as the cluster sees them."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import psutil
+
+from .errors import UsageError
+
+_VIRTUAL = ("docker", "virbr", "veth", "br-", "cni", "flannel", "podman")
+
+
+def _interfaces() -> dict[str, list[ipaddress.IPv4Interface]]:
+    stats = psutil.net_if_stats()
+    found: dict[str, list[ipaddress.IPv4Interface]] = {}
+    for name, addrs in psutil.net_if_addrs().items():
+        if name in stats and not stats[name].isup:
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and a.netmask:
+                iface = ipaddress.IPv4Interface(f"{a.address}/{a.netmask}")
+                if not iface.ip.is_loopback:
+                    found.setdefault(name, []).append(iface)
+    return found
+
+
+def networks() -> tuple[str, ...]:
+    """The IPv4 networks of this node's non-loopback interfaces (the default --allow)."""
+    nets = {str(i.network) for ifaces in _interfaces().values() for i in ifaces}
+    return tuple(sorted(nets))
+
+
+def address(host: str = "", interface: str = "") -> str:
+    """The address workers should use for this node.
+
+    --host wins, then --interface; else the node's name when it resolves to a non-loopback
+    address of this node, else the first address of an up, non-loopback interface.
+    Only with no network at all is loopback used.
+    """
+    if host:
+        return host
+    ifaces = _interfaces()
+    if interface:
+        if interface not in ifaces:
+            raise UsageError(f"--interface {interface}: no such interface with an IPv4 "
+                             f"address on this node; it has: {', '.join(ifaces) or 'none'}")
+        return str(ifaces[interface][0].ip)
+    mine = {str(i.ip) for addrs in ifaces.values() for i in addrs}
+    try:
+        by_name = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        by_name = ""
+    if by_name in mine:
+        return by_name
+    # Container and VM bridges are rarely what other nodes reach us by.
+    ranked = sorted(ifaces, key=lambda n: n.startswith(_VIRTUAL))
+    return str(ifaces[ranked[0]][0].ip) if ranked else "127.0.0.1"

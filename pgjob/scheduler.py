@@ -1,0 +1,98 @@
+"""What the batch system tells a job about itself: which scheduler, job id, node, memory, end.
+
+Facts come from per-scheduler tables of environment variables; `detect()` says which
+scheduler is active. Memory also comes from the cgroup the job runs in.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+MB = 1024 * 1024
+
+# scheduler -> (variable that proves it is active, job id variable, node name variable)
+TABLES = {
+    "slurm": ("SLURM_JOB_ID", "SLURM_JOB_ID", "SLURMD_NODENAME"),
+    "pbs": ("PBS_JOBID", "PBS_JOBID", ""),
+    "lsf": ("LSB_JOBID", "LSB_JOBID", ""),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    scheduler: str  # "slurm", "pbs", "lsf" or "none"
+    job_id: str
+    node: str
+    memory_bytes: int  # what this job may really use
+    end_time: float | None  # epoch seconds, when the scheduler says
+
+    def time_left(self, now: float | None = None) -> float | None:
+        if self.end_time is None:
+            return None
+        return max(0.0, self.end_time - (now or time.time()))
+
+
+def detect(env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    for name, (marker, _, _) in TABLES.items():
+        if env.get(marker):
+            return name
+    return "none"
+
+
+def _slurm_memory(env: dict[str, str]) -> int | None:
+    if env.get("SLURM_MEM_PER_NODE"):
+        return int(env["SLURM_MEM_PER_NODE"]) * MB
+    if env.get("SLURM_MEM_PER_CPU"):
+        cpus = env.get("SLURM_CPUS_ON_NODE") or env.get("SLURM_JOB_CPUS_PER_NODE", "1")
+        return int(env["SLURM_MEM_PER_CPU"]) * int(cpus.split("(")[0].split(",")[0]) * MB
+    return None
+
+
+def cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                  root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of our cgroup (v2 or v1), or None when unlimited or unknown."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidate = root / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = root / "memory" / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            raw = candidate.read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 2**60:
+            return int(raw)
+    return None
+
+
+def current(env: dict[str, str] | None = None) -> Job:
+    """This process's job, or a job of scheduler "none" outside any batch system."""
+    env = dict(os.environ if env is None else env)
+    name = detect(env)
+    node = socket.gethostname().split(".")[0]
+    job_id = ""
+    if name != "none":
+        _, id_var, node_var = TABLES[name]
+        job_id = env.get(id_var, "")
+        node = env.get(node_var, "") if node_var else node
+        node = node or socket.gethostname().split(".")[0]
+    limits = [psutil.virtual_memory().total, cgroup_memory()]
+    if name == "slurm":
+        limits.append(_slurm_memory(env))
+    end = env.get("SLURM_JOB_END_TIME") if name == "slurm" else None
+    return Job(scheduler=name, job_id=job_id, node=node,
+               memory_bytes=min(m for m in limits if m),
+               end_time=float(end) if end and end.isdigit() else None)
