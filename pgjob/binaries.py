@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import BinariesNotFound
 
 PROGRAMS = ("initdb", "postgres", "pg_controldata")
+SEARCH_PATTERNS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin")
 
 
 def _version_key(path: str) -> tuple:
@@ -40,7 +41,7 @@ def candidates(configured: str = "") -> list[tuple[str, str]]:
     initdb = shutil.which("initdb")
     if initdb:
         places.append(("initdb on PATH", str(Path(initdb).resolve().parent)))
-    for pattern in ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin"):
+    for pattern in SEARCH_PATTERNS:
         for found in sorted(glob.glob(pattern), key=_version_key, reverse=True):
             places.append((pattern, found))
     return places

@@ -50,17 +50,20 @@ def _disk(status: Status, home: Home) -> None:
 
 
 def _server_facts(status: Status, conn: psycopg.Connection) -> None:
-    version, uptime, used, most, size = conn.execute(
+    version, uptime, used, most, reserved, size = conn.execute(
         "select current_setting('server_version'), "
         "extract(epoch from now() - pg_postmaster_start_time())::float8, "
         "(select count(*) from pg_stat_activity where backend_type = 'client backend'), "
-        "current_setting('max_connections')::int, pg_database_size(current_database())"
-    ).fetchone()
+        "current_setting('max_connections')::int, "
+        "current_setting('superuser_reserved_connections')::int, "
+        "pg_database_size(current_database())").fetchone()
     status.facts.update(server_version=version, uptime_seconds=round(uptime, 1),
                         connections=used, max_connections=most, database_bytes=size)
-    if used > CONNECTIONS_WARN * most:
-        status.worse(DEGRADED, f"{used} of {most} connections in use; raise --workers with "
-                               "`pgjob init --workers N` and restart the server")
+    usable = most - reserved  # the rest are kept for the superuser
+    if used > CONNECTIONS_WARN * usable:
+        status.worse(DEGRADED, f"{used} of the {usable} connections workers may use are in "
+                               "use; raise --workers with `pgjob init --workers N` and "
+                               "restart the server")
     studies: dict[str, dict[str, int]] = {}
     if conn.execute("select to_regclass('public.studies') is not null").fetchone()[0]:
         for name, state, count in conn.execute(_STUDY_COUNTS):

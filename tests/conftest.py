@@ -1,0 +1,105 @@
+"""Shared fixtures: real PostgreSQL homes and real `pgjob serve` processes.
+
+Servers listen on loopback only (--allow 127.0.0.1/32, --host 127.0.0.1). PostgreSQL refuses
+root, so these tests run as an unprivileged user (`./dev test` arranges that when started as
+root); tests marked `root` are the ones that check pgjob's own handling of root.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pgjob import endpoint
+from pgjob.home import open_home
+from pgjob.initialize import init
+
+IS_ROOT = os.geteuid() == 0
+LOOPBACK = ("--host", "127.0.0.1")
+PG_FIXTURES = {"server", "home_path", "template_home"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        needs_pg = "pg" in marks or PG_FIXTURES & set(item.fixturenames)
+        if IS_ROOT and "root" not in marks and needs_pg:
+            item.add_marker(pytest.mark.skip(
+                reason="PostgreSQL refuses root: run the suite through `./dev test`, which "
+                       "runs it as an unprivileged user"))
+        if not IS_ROOT and "root" in marks:
+            item.add_marker(pytest.mark.skip(reason="checks pgjob started as root"))
+
+
+def pgjob_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pgjob", *args]
+
+
+def run_pgjob(*args: str, timeout: float = 120, env: dict | None = None,
+              check: bool = False) -> subprocess.CompletedProcess:
+    done = subprocess.run(pgjob_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and done.returncode != 0:
+        raise AssertionError(f"pgjob {' '.join(args)} failed ({done.returncode}):\n"
+                             f"{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def template_home(tmp_path_factory) -> Path:
+    """One initialized home per session; tests get copies (initdb is the slow part)."""
+    path = tmp_path_factory.mktemp("template") / "home"
+    init(path, allow=("127.0.0.1/32",), workers=8)
+    return path
+
+
+@pytest.fixture
+def home_path(template_home, tmp_path) -> Path:
+    path = tmp_path / "home"
+    shutil.copytree(template_home, path, symlinks=True)
+    return path
+
+
+class Served:
+    """A `pgjob serve` running in the background for one test."""
+
+    def __init__(self, home: Path, log: Path, *extra: str) -> None:
+        self.home_path = home
+        self.home = open_home(home)
+        self.log = log
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                pgjob_cmd("serve", "--home", str(home), *LOOPBACK, "--health-interval", "0.5",
+                          *extra), stdout=out, stderr=subprocess.STDOUT)
+
+    def endpoint(self, timeout: float = 60) -> endpoint.Endpoint:
+        try:
+            return endpoint.wait_connectable(self.home, timeout=timeout)
+        except Exception:
+            raise AssertionError(f"server did not come up; serve log:\n{self.log.read_text()}")
+
+    def postmaster(self) -> psutil.Process:
+        return psutil.Process(self.endpoint().pid)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+@pytest.fixture
+def server(home_path, tmp_path):
+    served = Served(home_path, tmp_path / "serve.log")
+    served.endpoint()
+    yield served
+    if served.process.poll() is None:
+        served.stop()
+    served.process.wait(60)
+
