@@ -111,6 +111,20 @@ def stop(home, wait) -> None:
         click.echo("pgjob: stop requested (use --wait SECONDS to wait for it)")
 
 
+@main.command(context_settings={"ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@home_option
+@click.argument("sbatch_options", nargs=-1, type=click.UNPROCESSED)
+def submit(home, sbatch_options) -> None:
+    """Submit the serve job script with sbatch for this home; print the job id.
+
+    Options after the home go to sbatch as they are, e.g. `pgjob submit --time=8:00:00`.
+    """
+    from .submit import submit as do_submit
+
+    click.echo(do_submit(open_home(home).require(), tuple(sbatch_options)))
+
+
 @main.command()
 @click.option("--workers", default=3, show_default=True, help="Local worker processes.")
 @click.option("--trials", default=30, show_default=True, help="Trials in the demo study.")

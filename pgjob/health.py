@@ -1,13 +1,14 @@
 """The checks behind `pgjob status`: what a person or a script needs to know at a glance."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
 import psutil
 import psycopg
 
-from . import endpoint
+from . import endpoint, scheduler
 from .home import Home
 
 HEALTHY, DEGRADED, DOWN = 0, 1, 2
@@ -73,11 +74,28 @@ def _server_facts(status: Status, conn: psycopg.Connection) -> None:
     status.facts["studies"] = studies
 
 
+def _job(status: Status, home: Home, published) -> None:
+    """The server job as the scheduler sees it: from the endpoint, else from `pgjob submit`."""
+    if published is not None:
+        scheduler_name, job_id = published.scheduler, published.job_id
+    else:
+        try:
+            record = json.loads(home.submitted.read_text())
+            scheduler_name, job_id = record["scheduler"], record["job_id"]
+        except (OSError, ValueError, KeyError):
+            return
+    queued = scheduler.query(scheduler_name, job_id)
+    if queued is not None:
+        status.facts.update(job_id=job_id, job_state=queued.state,
+                            time_left_seconds=queued.time_left)
+
+
 def check(home: Home) -> Status:
     status = Status()
     status.facts["home"] = str(home.path)
     _disk(status, home)
     published = endpoint.read(home)
+    _job(status, home, published)
     if published is None:
         status.facts["published"] = False
         status.worse(DOWN, "no server is published for this home; start one with "
@@ -106,6 +124,10 @@ def render(status: Status) -> str:
     if f.get("published"):
         lines.append(f"server:      {f['host']}:{f['port']} (node {f['node']}, job "
                      f"{f['job_id'] or '-'}, generation {f['generation']})")
+    if f.get("job_state"):
+        left = f.get("time_left_seconds")
+        lines.append(f"job:         {f['job_id']} {f['job_state']}"
+                     + (f", {_duration(left)} left" if left is not None else ""))
     if "server_version" in f:
         lines += [f"version:     PostgreSQL {f['server_version']}",
                   f"uptime:      {_duration(f['uptime_seconds'])}",

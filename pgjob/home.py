@@ -103,6 +103,8 @@ class Home:
     def stop_request(self) -> Path: return self.run / "stop-request"
     @property
     def server_log(self) -> Path: return self.logs / "postgresql.log"
+    @property
+    def submitted(self) -> Path: return self.run / "submitted.json"
 
     def is_home(self) -> bool:
         return self.settings_file.is_file()

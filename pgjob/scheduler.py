@@ -96,3 +96,49 @@ def current(env: dict[str, str] | None = None) -> Job:
     return Job(scheduler=name, job_id=job_id, node=node,
                memory_bytes=min(m for m in limits if m),
                end_time=float(end) if end and end.isdigit() else None)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What the scheduler says now about a job: state, time left, node."""
+
+    state: str  # RUNNING, PENDING, COMPLETED, ... or "UNKNOWN" when the scheduler forgot it
+    time_left: float | None
+    node: str
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """Seconds in Slurm's [days-]hours:minutes:seconds (or minutes:seconds) form."""
+    text = text.strip()
+    days, _, rest = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = rest.split(":")
+    if not days.isdigit() or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None  # UNLIMITED, NOT_SET, INVALID
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return int(days) * 86400 + seconds
+
+
+def query(scheduler: str, job_id: str) -> QueueState | None:
+    """Ask the scheduler about a job; None when we cannot ask (not Slurm, no squeue)."""
+    from . import proc
+    from .errors import CommandFailed
+
+    if scheduler != "slurm" or not job_id:
+        return None
+    try:
+        out = proc.run(["squeue", "-h", "-j", job_id, "-o", "%T|%L|%N"], timeout=20,
+                       what="squeue failed")
+    except CommandFailed:
+        out = ""  # squeue says "Invalid job id" once the job has left its memory
+    if "|" in out:
+        state, left, node = out.strip().splitlines()[0].split("|", 2)
+        return QueueState(state, parse_slurm_duration(left), node)
+    try:
+        shown = proc.run(["scontrol", "show", "job", "-o", job_id], timeout=20,
+                         what="scontrol failed")
+    except CommandFailed:
+        return QueueState("UNKNOWN", None, "")
+    fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
+    return QueueState(fields.get("JobState", "UNKNOWN"), None, fields.get("NodeList", ""))

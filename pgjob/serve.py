@@ -29,6 +29,8 @@ from .waiting import until
 
 log = logging.getLogger("pgjob.serve")
 
+BIND_FAILED = "could not create any TCP/IP sockets"
+BIND_ATTEMPTS = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
@@ -89,7 +91,7 @@ class Serve:
     def run(self) -> int:
         home = self.home
         settings = home.settings()
-        bindir = binaries.find(settings.pg_bin)
+        self.bindir = bindir = binaries.find(settings.pg_bin)
         refuse_second_serve(home)
         job = scheduler.current()
         me = psutil.Process()
@@ -100,23 +102,12 @@ class Serve:
         self._install_signals()
         address = netinfo.address(self.host, self.interface)
         socket_dir = private_socket_dir(home.owner)
-        port = pick_port(address, settings.port)
-        if port != settings.port:
-            log.warning("port %d is taken on %s; serving on %d instead", settings.port,
-                        address, port)
-        write_server_conf(home, settings, {
-            **conf.static_params(settings.workers),
-            **conf.node_params(port=port, listen=address, socket_dir=str(socket_dir),
-                               memory_bytes=job.memory_bytes)}, allowed_networks(settings))
-        self.server = Server(bindir=bindir, data=home.data,
-                             log=home.ensure_file(home.server_log), socket_dir=socket_dir,
-                             port=port, superuser=settings.superuser,
-                             passfile=home.superuser_passfile, account=home.owner)
         try:
-            self.server.start()
-            ensure_optuna_schema(socket_dir, port, settings, home.app_passfile)
+            self._start_on_a_free_port(address, settings, job, socket_dir)
+            ensure_optuna_schema(socket_dir, self.server.port, settings, home.app_passfile)
             self._publish(address, settings, job)
-            log.info("serving %s at %s:%d (node %s, job %s)", home.path, address, port,
+            log.info("serving %s at %s:%d (node %s, job %s)", home.path, address,
+                     self.server.port,
                      job.node, job.job_id or "-")
             return self._keep_alive(address, settings, job)
         finally:
@@ -124,6 +115,31 @@ class Serve:
             shutil.rmtree(socket_dir, ignore_errors=True)
             home.serve_record.unlink(missing_ok=True)
             home.stop_request.unlink(missing_ok=True)
+
+    def _start_on_a_free_port(self, address: str, settings, job, socket_dir: Path) -> None:
+        """Start on the configured port, or a free one; a port taken between our probe and
+        PostgreSQL's bind (two jobs starting at once) means: probe again."""
+        home, wanted = self.home, settings.port
+        for attempt in range(BIND_ATTEMPTS):
+            port = pick_port(address, wanted)
+            if port != settings.port:
+                log.warning("port %d is taken on %s; serving on %d instead", settings.port,
+                            address, port)
+            write_server_conf(home, settings, {
+                **conf.static_params(settings.workers),
+                **conf.node_params(port=port, listen=address, socket_dir=str(socket_dir),
+                                   memory_bytes=job.memory_bytes)}, allowed_networks(settings))
+            self.server = Server(bindir=self.bindir, data=home.data,
+                                 log=home.ensure_file(home.server_log), socket_dir=socket_dir,
+                                 port=port, superuser=settings.superuser,
+                                 passfile=home.superuser_passfile, account=home.owner)
+            try:
+                self.server.start()
+                return
+            except ServerFailed as exc:
+                if BIND_FAILED not in exc.detail or attempt == BIND_ATTEMPTS - 1:
+                    raise
+                wanted = 0  # let the kernel choose
 
     def _install_signals(self) -> None:
         def handler(signum, _frame):

@@ -93,3 +93,10 @@ def test_published_address_is_never_loopback_when_a_network_exists():
 def test_unknown_interface_lists_the_real_ones():
     with pytest.raises(UsageError, match="no such interface"):
         netinfo.address(interface="nosuch0")
+
+
+@pytest.mark.parametrize("text,seconds", [("1-02:03:04", 93784), ("02:03:04", 7384),
+                                          ("03:04", 184), ("UNLIMITED", None),
+                                          ("NOT_SET", None)])
+def test_slurm_time_left_is_parsed(text, seconds):
+    assert scheduler.parse_slurm_duration(text) == seconds
