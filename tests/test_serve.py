@@ -171,3 +171,10 @@ def test_optuna_study_through_optuna_storage(server, home_path, tmp_path):
     with server.endpoint().connect() as conn:
         states = conn.execute("select state::text, count(*) from trials group by 1").fetchall()
     assert states == [("COMPLETE", 30)]
+
+
+@pytest.mark.parametrize("command", ["url", "status", "stop"])
+def test_commands_on_a_missing_home_say_how_to_make_one(tmp_path, command):
+    done = run_pgjob(command, "--home", str(tmp_path / "nowhere"))
+    assert done.returncode == 4
+    assert "no pgjob home" in done.stderr and "pgjob init" in done.stderr
