@@ -11,13 +11,13 @@
 #
 # Writes /run/pgjob-testcluster/env (KEY=VALUE lines) for the test suite.
 set -euo pipefail
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- settings
 CLUSTER_NAME=pgjobtest
-BRIDGE=pgjbr0
 SUBNET_PREFIX=10.77.213
 BRIDGE_ADDR=${SUBNET_PREFIX}.1
-NODES=(node1 node2 node3)
 CTLD_PORT=6817
 NODE_PORT_BASE=6820        # nodeN listens on NODE_PORT_BASE + N
 NODE_CPUS=2
@@ -28,20 +28,13 @@ KILL_WAIT=10
 TEST_USER=${PGJOB_TEST_USER:-pgjobtest}
 WAIT_NODES_S=${PGJOB_CLUSTER_WAIT:-60}
 
-RUN_DIR=/run/pgjob-testcluster
 LOG_DIR=/var/log/pgjob-testcluster
-SPOOL_DIR=/var/spool/pgjob-testcluster
-ENV_FILE=$RUN_DIR/env
 CONF_FILE=/etc/slurm/slurm.conf
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_RUN=/run/munge
-MUNGE_PID=$MUNGE_RUN/munged.pid
-CTLD_PID=$RUN_DIR/slurmctld.pid
 
 PKGS=(slurmctld slurmd slurm-client munge iproute2)
 export DEBIAN_FRONTEND=noninteractive
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-unset SLURM_CONF SLURM_CLUSTERS 2>/dev/null || true
 
 T0=${EPOCHREALTIME/./}
 log() { local t=$(( (${EPOCHREALTIME/./} - T0) / 100000 )); printf '[up.sh %3d.%ds] %s\n' $((t / 10)) $((t % 10)) "$*"; }
@@ -51,48 +44,6 @@ die() { echo "up.sh: ERROR: $*" >&2; exit 1; }
 
 node_addr() { echo "${SUBNET_PREFIX}.$((10 + ${1#node}))"; }
 node_port() { echo $((NODE_PORT_BASE + ${1#node})); }
-node_veth() { echo "pgjv${1#node}"; }
-
-# true if pid $1 exists and is not a zombie (daemons' exited intermediate
-# forks can linger as zombies until PID 1 reaps them)
-alive() {
-    local st
-    st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null) || return 1
-    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-
-# live (non-zombie) pids with exactly this process name, optionally of user $2
-pids_named() {
-    local p
-    for p in $(pgrep -x ${2:+-u "$2"} "$1" || true); do
-        if alive "$p"; then echo "$p"; fi
-    done
-}
-
-# pid from pid file $1, printed only if that process is alive and named $2
-live_pid() {
-    local f=$1 name=$2 pid
-    [ -r "$f" ] || return 1
-    pid=$(tr -dc '0-9' <"$f")
-    [ -n "$pid" ] && alive "$pid" || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
-    echo "$pid"
-}
-
-# TERM the given pids, wait up to $1 seconds, then KILL what is left
-stop_pids() {
-    local wait_s=$1; shift
-    local pids=("$@") p i any
-    [ ${#pids[@]} -gt 0 ] || return 0
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    for ((i = 0; i < wait_s * 10; i++)); do
-        any=0
-        for p in "${pids[@]}"; do if alive "$p"; then any=1; fi; done
-        [ $any -eq 0 ] && return 0
-        sleep 0.1
-    done
-    kill -KILL "${pids[@]}" 2>/dev/null || true
-}
 
 show_logs() {
     local f
