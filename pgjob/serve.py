@@ -95,14 +95,14 @@ class Serve:
         refuse_second_serve(home)
         job = scheduler.current()
         me = psutil.Process()
-        home.write(home.serve_record, json.dumps(
-            {"node": socket.gethostname(), "pid": me.pid, "create_time": me.create_time(),
-             "job_id": job.job_id}) + "\n")
-        home.stop_request.unlink(missing_ok=True)
         self._install_signals()
         address = netinfo.address(self.host, self.interface)
         socket_dir = private_socket_dir(home.owner)
         try:
+            home.write(home.serve_record, json.dumps(
+                {"node": socket.gethostname(), "pid": me.pid,
+                 "create_time": me.create_time(), "job_id": job.job_id}) + "\n")
+            home.stop_request.unlink(missing_ok=True)
             self._start_on_a_free_port(address, settings, job, socket_dir)
             ensure_optuna_schema(socket_dir, self.server.port, settings, home.app_passfile)
             self._publish(address, settings, job)
