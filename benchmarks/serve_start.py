@@ -6,7 +6,6 @@ time includes its Python start, the node settings, the schema check and publishi
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import statistics

@@ -21,7 +21,7 @@ import psutil
 from . import binaries, conf, endpoint, netinfo, scheduler
 from .cluster import Server, cluster_state, log_tail, private_socket_dir
 from .endpoint import Endpoint
-from .errors import AlreadyServing, PgJobError, ServerFailed
+from .errors import AlreadyServing, ServerFailed
 from .home import Home, open_home
 from .initialize import allowed_networks, write_server_conf
 from .schema import ensure_optuna_schema

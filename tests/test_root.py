@@ -4,7 +4,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import Served, run_pgjob

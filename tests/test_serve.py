@@ -1,7 +1,6 @@
 """`pgjob serve`, `url`, `stop`: the server inside a job, found by workers, stopped cleanly."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
