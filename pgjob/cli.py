@@ -65,6 +65,8 @@ def init(home, **options) -> None:
 @click.option("--interface", default="", help="Network interface whose address to use, e.g. ib0.")
 @click.option("--run-as", default="", help="As root: the account PostgreSQL runs as.")
 @click.option("--health-interval", default=5.0, show_default=True, help="Seconds between health checks.")
+@click.option("--renew/--no-renew", default=False, show_default=True,
+              help="Under Slurm: queue the next serve job, which takes over when this one ends.")
 def serve(home, **options) -> None:
     """Run the server in the foreground until stopped (the body of a batch job)."""
     from .serve import serve as do_serve
@@ -109,6 +111,40 @@ def stop(home, wait) -> None:
                          "see `pgjob status` and the job's log")
     else:
         click.echo("pgjob: stop requested (use --wait SECONDS to wait for it)")
+
+
+@main.command()
+@home_option
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the dump (default: HOME/backups, rotated).")
+def backup(home, out) -> None:
+    """Dump the study database now (pg_dump, custom format); print the file's path."""
+    from pathlib import Path
+
+    from . import backup as backups
+    from . import binaries
+
+    target = open_home(home).require()
+    found = endpoint.wait_connectable(target, timeout=0)
+    made = backups.dump(target, binaries.find(target.settings().pg_bin), host=found.host,
+                        port=found.port, out_dir=Path(out).absolute() if out else None)
+    click.echo(f"backup written: {made}")
+
+
+@main.command()
+@click.argument("dump_file", type=click.Path(dir_okay=False))
+@home_option
+@click.option("--workers", type=int, help="As for `pgjob init`.")
+@click.option("--port", type=int, help="As for `pgjob init`.")
+@click.option("--allow", multiple=True, metavar="CIDR", help="As for `pgjob init`.")
+@click.option("--pg-bin", envvar="PGJOB_PG_BIN", type=click.Path(), help="As for `pgjob init`.")
+@click.option("--run-as", help="As for `pgjob init`.")
+def restore(dump_file, home, **options) -> None:
+    """Make a new home (as `pgjob init` does) holding the studies of a backup."""
+    from .backup import restore_new_home
+
+    made = restore_new_home(dump_file, home, **options)
+    click.echo(f"restored {dump_file} into the new home {made.path}; serve it with "
+               f"`pgjob serve --home {made.path}` or `pgjob submit --home {made.path}`")
 
 
 @main.command(context_settings={"ignore_unknown_options": True,

@@ -120,14 +120,16 @@ class Server:
             pass  # shutdown checkpoints anyway; this one only shortens it
 
     def stop(self, fast_timeout: float = 60, immediate_timeout: float = 20) -> int | None:
-        """Fast shutdown; immediate if that hangs; SIGKILL as the last resort.
+        """Fast shutdown; immediate if that hangs (at once with fast_timeout=0); SIGKILL as
+        the last resort.
 
         Returns the postmaster's exit code (None if it was not running).
         """
         if self.process is None:
             return None
-        for sig, wait in ((signal.SIGINT, fast_timeout), (signal.SIGQUIT, immediate_timeout),
-                          (signal.SIGKILL, 30)):
+        steps = ((signal.SIGINT, fast_timeout), (signal.SIGQUIT, immediate_timeout),
+                 (signal.SIGKILL, 30))
+        for sig, wait in steps if fast_timeout else steps[1:]:
             if self.process.poll() is not None:
                 break
             try:

@@ -72,14 +72,18 @@ def read_raw(home: Home) -> dict | None:
 
 
 def read(home: Home) -> Endpoint | None:
-    """The published endpoint, or None when nothing usable is published."""
+    """The published endpoint, or None when nothing usable is published (missing,
+    half-written, or withdrawn)."""
     data = read_raw(home)
     if not data or data.get("state") != SERVING:
         return None
     try:
-        return Endpoint(**{f.name: data[f.name] for f in dataclasses.fields(Endpoint)})
+        found = Endpoint(**{f.name: data[f.name] for f in dataclasses.fields(Endpoint)})
     except (KeyError, TypeError):
         return None
+    # The passfile as this reader sees the home: right even if the home was moved or is
+    # mounted elsewhere on this node.
+    return dataclasses.replace(found, passfile=str(home.app_passfile))
 
 
 def last_generation(home: Home) -> int:

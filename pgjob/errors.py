@@ -66,3 +66,9 @@ class ServerFailed(PgJobError):
     """The server died and could not be brought back."""
 
     exit_code = 8
+
+
+class LeaseLost(PgJobError):
+    """Another serve took the home's lease: this server must stop writing at once."""
+
+    exit_code = 9

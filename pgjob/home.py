@@ -38,6 +38,10 @@ class Settings:
     allow: tuple[str, ...] = ()  # empty: the networks of the serving node's interfaces
     pg_bin: str = ""
     run_as: str = ""
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
+    grace_period: int = 120  # a RUNNING trial silent this long is failed (and retried)
+    backup_interval: int = 3600  # seconds between backups while serving; 0: only at stop
+    backups_keep: int = 5
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Settings":
@@ -105,6 +109,12 @@ class Home:
     def server_log(self) -> Path: return self.logs / "postgresql.log"
     @property
     def submitted(self) -> Path: return self.run / "submitted.json"
+    @property
+    def lease_file(self) -> Path: return self.run / "lease.json"
+    @property
+    def successor(self) -> Path: return self.run / "successor.json"
+    @property
+    def backups(self) -> Path: return self.path / "backups"
 
     def is_home(self) -> bool:
         return self.settings_file.is_file()
@@ -143,7 +153,7 @@ class Home:
     def mkdir(self, path: Path, mode: int = 0o700) -> None:
         path.mkdir(mode=mode, parents=False, exist_ok=True)
         os.chmod(path, mode)
-        self._give(path)
+        self.give(path)
 
     def write(self, path: Path, text: str, mode: int = 0o600) -> None:
         """Replace `path` atomically: temp file in the same directory, fsync, rename."""
@@ -154,7 +164,7 @@ class Home:
                 out.flush()
                 os.fsync(out.fileno())
             os.chmod(tmp, mode)
-            self._give(Path(tmp))
+            self.give(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -171,7 +181,7 @@ class Home:
             self.write(path, "", mode)
         return path
 
-    def _give(self, path: Path) -> None:
+    def give(self, path: Path) -> None:
         if self.owner is not None and self.owner.uid != os.geteuid():
             os.chown(path, self.owner.uid, self.owner.gid)
 

@@ -5,8 +5,10 @@ import os
 import secrets
 import shutil
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 from psycopg import sql
 
@@ -111,29 +113,36 @@ def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
     _create_role_and_database(home, settings, bindir, app_password)
 
 
-def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
-                              app_password: str) -> None:
+@contextmanager
+def temporary_server(home: Home, settings: Settings, bindir: Path) -> Iterator[Server]:
+    """The home's server on a private Unix socket only, for set-up work (no TCP at all)."""
     socket_dir = private_socket_dir(home.owner)
-    server = Server(bindir=bindir, data=home.data, log=home.ensure_file(home.server_log), socket_dir=socket_dir,
-                    port=settings.port, superuser=settings.superuser,
+    server = Server(bindir=bindir, data=home.data, log=home.ensure_file(home.server_log),
+                    socket_dir=socket_dir, port=settings.port, superuser=settings.superuser,
                     passfile=home.superuser_passfile, account=home.owner)
     home.write(home.data / "pgjob.conf", conf.render_conf(
         {**conf.static_params(settings.workers), "port": settings.port,
          "unix_socket_directories": str(socket_dir)}))
     server.start()
     try:
-        with server.connect() as conn:
-            verifier = conn.pgconn.encrypt_password(
-                app_password.encode(), settings.user.encode(), b"scram-sha-256").decode()
-            role, db = sql.Identifier(settings.user), sql.Identifier(settings.database)
-            conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole "
-                                 "password {}").format(role, sql.Literal(verifier)))
-            conn.execute(sql.SQL("create database {} owner {}").format(db, role))
-            conn.execute(sql.SQL("revoke all on database {} from public").format(db))
+        yield server
     finally:
         server.stop()
         shutil.rmtree(socket_dir, ignore_errors=True)
-    home.write(home.data / "pgjob.conf", conf.render_conf(conf.static_params(settings.workers)))
+        home.write(home.data / "pgjob.conf",
+                   conf.render_conf(conf.static_params(settings.workers)))
+
+
+def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
+                              app_password: str) -> None:
+    with temporary_server(home, settings, bindir) as server, server.connect() as conn:
+        verifier = conn.pgconn.encrypt_password(
+            app_password.encode(), settings.user.encode(), b"scram-sha-256").decode()
+        role, db = sql.Identifier(settings.user), sql.Identifier(settings.database)
+        conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole "
+                             "password {}").format(role, sql.Literal(verifier)))
+        conn.execute(sql.SQL("create database {} owner {}").format(db, role))
+        conn.execute(sql.SQL("revoke all on database {} from public").format(db))
 
 
 def _repair(home: Home, settings: Settings) -> None:

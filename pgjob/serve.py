@@ -1,8 +1,9 @@
 """`pgjob serve`: the keep-alive loop that is the body of a batch job.
 
-Start PostgreSQL configured for this node, make the Optuna schema once, publish the
-endpoint, keep the server answering, and on any stop signal withdraw the endpoint first,
-then shut the server down cleanly.
+Take the home's lease, start PostgreSQL configured for this node, make the Optuna schema
+once, publish the endpoint, and keep the server answering (renewing the lease, sweeping
+stale trials, taking backups). On any stop signal: withdraw the endpoint first, take a
+last backup, then shut the server down cleanly and give the lease up.
 """
 from __future__ import annotations
 
@@ -12,19 +13,22 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
-from . import binaries, conf, endpoint, netinfo, scheduler
+from . import backup, binaries, conf, endpoint, lease, netinfo, scheduler, submit
 from .cluster import Server, cluster_state, log_tail, private_socket_dir
 from .endpoint import Endpoint
-from .errors import AlreadyServing, ServerFailed
+from .errors import AlreadyServing, LeaseLost, PgJobError, ServerFailed
 from .home import Home, open_home
 from .initialize import allowed_networks, write_server_conf
-from .schema import ensure_optuna_schema
+from .schema import ensure_optuna_schema, socket_url
+from .trials import StaleTrialSweeper, refresh_heartbeats
 from .waiting import until
 
 log = logging.getLogger("pgjob.serve")
@@ -32,6 +36,8 @@ log = logging.getLogger("pgjob.serve")
 BIND_FAILED = "could not create any TCP/IP sockets"
 BIND_ATTEMPTS = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+WALLTIME_MARGIN = 300  # a SIGTERM this close to the job's end is the time limit, not a cancel
+DISK_FULL_BYTES = 64 * 1024 * 1024
 
 
 def pick_port(address: str, wanted: int) -> int:
@@ -57,7 +63,7 @@ def read_record(home: Home) -> dict:
 
 def record_is_live(record: dict) -> bool:
     """True when the serve process the record names still runs on this node."""
-    if record.get("node") != socket.gethostname():
+    if record.get("node") != scheduler.current().node:
         return False
     try:
         return psutil.Process(record["pid"]).create_time() == record["create_time"]
@@ -78,57 +84,111 @@ def refuse_second_serve(home: Home) -> None:
             "directory would corrupt it. Stop that one with `pgjob stop` first")
 
 
+def set_aside_stale_pidfile(data: Path) -> str | None:
+    """Move a postmaster.pid left by a server that is gone out of PostgreSQL's way.
+
+    Called only while we hold the lease and no published server answers. A live postmaster
+    on this node for this data directory is never touched.
+    """
+    pidfile = data / "postmaster.pid"
+    try:
+        pid = int(pidfile.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    try:
+        running = psutil.Process(pid)
+        if running.name() in ("postgres", "postmaster") and str(data) in running.cmdline():
+            raise AlreadyServing(f"PostgreSQL (pid {pid}) already runs on {data} on this "
+                                 f"node, outside pgjob; stop it first (pg_ctl stop -D {data})")
+    except psutil.Error:
+        pass
+    aside = pidfile.with_name(f"postmaster.pid.stale-{int(time.time())}")
+    os.replace(pidfile, aside)
+    return f"set aside a stale postmaster.pid (pid {pid}, from a server that is gone) as {aside.name}"
+
+
+@dataclass
+class Every:
+    """An action the keep-alive loop runs every `period` seconds (never, if 0)."""
+
+    period: float
+    action: Callable[[], None]
+    due: float = 0.0
+
+    def run_if_due(self, now: float) -> None:
+        if self.period > 0 and now >= self.due:
+            self.due = now + self.period
+            self.action()
+
+
 @dataclass
 class Serve:
     home: Home
     host: str = ""
     interface: str = ""
     health_interval: float = 5.0
+    renew: bool = False
     max_restarts: int = 3
     stop_reason: str = ""
     restarts: list[float] = field(default_factory=list)
+    server: Server | None = None
+    lease: lease.Lease | None = None
+    lease_lost: bool = False
+    job_end: float | None = None
+    backup_thread: threading.Thread | None = None
 
     def run(self) -> int:
         home = self.home
-        settings = home.settings()
-        self.bindir = bindir = binaries.find(settings.pg_bin)
+        self.settings = settings = home.settings()
+        self.bindir = binaries.find(settings.pg_bin)
         refuse_second_serve(home)
-        job = scheduler.current()
-        me = psutil.Process()
+        self.job = job = scheduler.current()
         self._install_signals()
-        address = netinfo.address(self.host, self.interface)
+        self.lease = lease.acquire(home, job.job_id)
+        self.address = netinfo.address(self.host, self.interface)
         socket_dir = private_socket_dir(home.owner)
         try:
-            home.write(home.serve_record, json.dumps(
-                {"node": socket.gethostname(), "pid": me.pid,
-                 "create_time": me.create_time(), "job_id": job.job_id}) + "\n")
-            home.stop_request.unlink(missing_ok=True)
-            self._start_on_a_free_port(address, settings, job, socket_dir)
+            self._write_record()
+            note = set_aside_stale_pidfile(home.data)
+            if note:
+                log.warning("%s", note)
+            self._start_on_a_free_port(socket_dir)
             ensure_optuna_schema(socket_dir, self.server.port, settings, home.app_passfile)
-            self._publish(address, settings, job)
-            log.info("serving %s at %s:%d (node %s, job %s)", home.path, address,
-                     self.server.port,
-                     job.node, job.job_id or "-")
-            return self._keep_alive(address, settings, job)
+            self._publish()
+            log.info("serving %s at %s:%d (node %s, job %s)", home.path, self.address,
+                     self.server.port, job.node, job.job_id or "-")
+            self._start_chain()
+            return self._keep_alive(socket_dir)
+        except LeaseLost:
+            self.lease_lost = True
+            raise
         finally:
-            self._shutdown(bindir)
+            self._shutdown()
             shutil.rmtree(socket_dir, ignore_errors=True)
             home.serve_record.unlink(missing_ok=True)
             home.stop_request.unlink(missing_ok=True)
 
-    def _start_on_a_free_port(self, address: str, settings, job, socket_dir: Path) -> None:
+    def _write_record(self) -> None:
+        me = psutil.Process()
+        self.home.write(self.home.serve_record, json.dumps(
+            {"node": self.job.node, "pid": me.pid, "create_time": me.create_time(),
+             "job_id": self.job.job_id}) + "\n")
+        self.home.stop_request.unlink(missing_ok=True)
+
+    def _start_on_a_free_port(self, socket_dir: Path) -> None:
         """Start on the configured port, or a free one; a port taken between our probe and
         PostgreSQL's bind (two jobs starting at once) means: probe again."""
-        home, wanted = self.home, settings.port
+        home, settings, wanted = self.home, self.settings, self.settings.port
         for attempt in range(BIND_ATTEMPTS):
-            port = pick_port(address, wanted)
+            port = pick_port(self.address, wanted)
             if port != settings.port:
                 log.warning("port %d is taken on %s; serving on %d instead", settings.port,
-                            address, port)
+                            self.address, port)
             write_server_conf(home, settings, {
                 **conf.static_params(settings.workers),
-                **conf.node_params(port=port, listen=address, socket_dir=str(socket_dir),
-                                   memory_bytes=job.memory_bytes)}, allowed_networks(settings))
+                **conf.node_params(port=port, listen=self.address, socket_dir=str(socket_dir),
+                                   memory_bytes=self.job.memory_bytes)},
+                allowed_networks(settings))
             self.server = Server(bindir=self.bindir, data=home.data,
                                  log=home.ensure_file(home.server_log), socket_dir=socket_dir,
                                  port=port, superuser=settings.superuser,
@@ -147,71 +207,148 @@ class Serve:
         for sig in STOP_SIGNALS:
             signal.signal(sig, handler)
 
-    def _publish(self, address: str, settings, job: scheduler.Job) -> None:
+    def _publish(self) -> None:
         with self.server.connect() as conn:
             ident = conn.execute(
                 "select system_identifier::text from pg_control_system()").fetchone()[0]
+        with self.server.connect(self.settings.database) as conn:
+            refreshed = refresh_heartbeats(conn)
+        if refreshed:
+            log.info("gave %d running trials a fresh heartbeat after the restart", refreshed)
         endpoint.publish(self.home, Endpoint(
-            host=address, port=self.server.port, database=settings.database,
-            user=settings.user, passfile=str(self.home.app_passfile), node=job.node,
-            job_id=job.job_id, scheduler=job.scheduler, pid=self.server.process.pid,
+            host=self.address, port=self.server.port, database=self.settings.database,
+            user=self.settings.user, passfile=str(self.home.app_passfile), node=self.job.node,
+            job_id=self.job.job_id, scheduler=self.job.scheduler, pid=self.server.process.pid,
             started_at=time.time(), generation=endpoint.last_generation(self.home) + 1,
             system_identifier=ident))
+
+    def _start_chain(self) -> None:
+        """With --renew under Slurm: queue the job that takes over when this one ends."""
+        queued = scheduler.query(self.job.scheduler, self.job.job_id)
+        if queued is not None and queued.time_left is not None:
+            self.job_end = time.time() + queued.time_left
+        if not self.renew:
+            return
+        if self.job.scheduler != "slurm" or not self.job.job_id:
+            log.warning("--renew needs a Slurm job; serving without renewal")
+            return
+        successor = submit.submit_successor(self.home, self.job.job_id)
+        log.info("renewal: job %s will take over when this job ends", successor)
 
     def _stop_asked(self) -> bool:
         if not self.stop_reason and self.home.stop_request.exists():
             self.stop_reason = "pgjob stop"
         return bool(self.stop_reason)
 
-    def _keep_alive(self, address: str, settings, job) -> int:
-        while True:
-            if until(self._stop_asked, self.health_interval, interval=0.25):
-                log.info("stopping: %s", self.stop_reason)
-                return 0
-            if self.server.alive():
+    def _keep_alive(self, socket_dir: Path) -> int:
+        sweeper = StaleTrialSweeper(socket_url(socket_dir, self.server.port, self.settings,
+                                               self.home.app_passfile), self.settings)
+        chores = [Every(self.settings.grace_period / 2, sweeper.sweep),
+                  Every(self.settings.backup_interval, self._backup_in_background)]
+        chores[1].due = time.time() + self.settings.backup_interval  # not right at start
+        try:
+            while True:
+                if until(self._stop_asked, self.health_interval, interval=0.25):
+                    log.info("stopping: %s", self.stop_reason)
+                    return 0
+                self.lease = lease.renew(self.home, self.lease)
+                if not self.server.alive():
+                    self._restart()
+                    continue
                 if not self.server.answers():
                     log.warning("the server is running but did not answer a query within "
                                 "5 s; it may be overloaded (see %s)", self.home.server_log)
-                continue
-            self._restart(address, settings, job)
+                    continue
+                for chore in chores:
+                    try:
+                        chore.run_if_due(time.time())
+                    except Exception as exc:  # a chore must never take the server down
+                        log.warning("%s failed: %s", chore.action.__name__, exc)
+        finally:
+            sweeper.close()
 
-    def _restart(self, address: str, settings, job) -> None:
+    def _restart(self) -> None:
         code = self.server.process.returncode
         endpoint.withdraw(self.home, f"server died (exit code {code}); restarting")
-        now = time.monotonic()
-        self.restarts = [t for t in self.restarts if now - t < 600] + [now]
-        if len(self.restarts) > self.max_restarts:
-            raise ServerFailed(
-                f"PostgreSQL died {len(self.restarts)} times in 10 minutes (last exit code "
-                f"{code}); giving up. See {self.home.server_log}",
-                detail="server log (last lines):\n" + log_tail(self.home.server_log))
-        log.warning("PostgreSQL exited (code %s); restarting it (%d of at most %d)", code,
-                    len(self.restarts), self.max_restarts)
-        self.server.start()
-        self._publish(address, settings, job)
-
-    def _shutdown(self, bindir: Path) -> None:
-        """Withdraw first, so no worker is sent here; then checkpoint and stop."""
-        endpoint.withdraw(self.home, self.stop_reason or "serve ended")
-        server = getattr(self, "server", None)
-        if server is None or server.process is None:
-            return
-        if server.alive():
-            server.checkpoint()
-        server.stop()
-        state = cluster_state(bindir, self.home.data, self.home.owner)
-        if state == "shut down":
-            log.info("PostgreSQL stopped cleanly (pg_controldata: shut down)")
+        free = shutil.disk_usage(self.home.data).free
+        if free < DISK_FULL_BYTES:
+            log.error("the disk holding %s is full (%d MB free): PostgreSQL cannot run. Free "
+                      "some space there; pgjob starts the server again as soon as it can",
+                      self.home.data, free // 2**20)
+            until(lambda: self._stop_asked() or
+                  shutil.disk_usage(self.home.data).free >= DISK_FULL_BYTES, 10**9, interval=5)
+            if self.stop_reason:
+                return
         else:
-            log.warning("PostgreSQL stopped, but pg_controldata says %r; the next start "
-                        "will recover from the WAL", state)
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < 600] + [now]
+            if len(self.restarts) > self.max_restarts:
+                raise ServerFailed(
+                    f"PostgreSQL died {len(self.restarts)} times in 10 minutes (last exit "
+                    f"code {code}); giving up. See {self.home.server_log}",
+                    detail="server log (last lines):\n" + log_tail(self.home.server_log))
+        log.warning("PostgreSQL exited (code %s); restarting it", code)
+        self.server.start()
+        self._publish()
+
+    def _backup_in_background(self) -> None:
+        if self.backup_thread is not None and self.backup_thread.is_alive():
+            return
+        self.backup_thread = threading.Thread(target=self._backup, name="pgjob-backup",
+                                              daemon=True)
+        self.backup_thread.start()
+
+    def _backup(self, timeout: float = 3600) -> None:
+        try:
+            made = backup.dump(self.home, self.bindir, host=str(self.server.socket_dir),
+                               port=self.server.port, timeout=timeout)
+            log.info("backup written: %s", made)
+        except PgJobError as exc:
+            log.warning("backup failed: %s", exc)
+
+    def _ends_chain(self) -> bool:
+        """`pgjob stop`, Ctrl-C or scancel end a renewal chain; the time limit does not."""
+        if self.stop_reason in ("SIGUSR1", ""):
+            return False
+        if self.stop_reason == "SIGTERM" and self.job_end is not None:
+            return time.time() < self.job_end - WALLTIME_MARGIN
+        return True
+
+    def _shutdown(self) -> None:
+        """Withdraw first, so no worker is sent here; a last backup; checkpoint; stop."""
+        server = self.server
+        if self.lease_lost:
+            # Another server owns the home now: stop writing at once and touch nothing.
+            if server is not None:
+                server.stop(fast_timeout=0)
+            return
+        endpoint.withdraw(self.home, self.stop_reason or "serve ended")
+        if self.renew and self._ends_chain():
+            cancelled = submit.cancel_successor(self.home)
+            if cancelled:
+                log.info("renewal chain ended: cancelled job %s", cancelled)
+        if server is not None and server.process is not None:
+            if server.alive():
+                if self.backup_thread is not None:
+                    self.backup_thread.join(60)
+                self._backup(timeout=60)
+                server.checkpoint()
+            server.stop()
+            state = cluster_state(self.bindir, self.home.data, self.home.owner)
+            if state == "shut down":
+                log.info("PostgreSQL stopped cleanly (pg_controldata: shut down)")
+            else:
+                log.warning("PostgreSQL stopped, but pg_controldata says %r; the next start "
+                            "will recover from the WAL", state)
+        if self.lease is not None:
+            lease.release(self.home, self.lease)
 
 
 def serve(home_option, *, host: str = "", interface: str = "", run_as: str = "",
-          health_interval: float = 5.0) -> int:
+          health_interval: float = 5.0, renew: bool = False) -> int:
     home = open_home(home_option, run_as, server=True).require()
-    return Serve(home, host=host, interface=interface,
-                 health_interval=health_interval).run()
+    return Serve(home, host=host, interface=interface, health_interval=health_interval,
+                 renew=renew).run()
 
 
 def request_stop(home_option, wait: float = 0) -> bool:

@@ -47,3 +47,55 @@ def submit(home: Home, extra: tuple[str, ...]) -> str:
                json.dumps({"job_id": job_id, "scheduler": "slurm",
                            "submitted_at": time.time()}) + "\n")
     return job_id
+
+
+def successor_argv(home: Home, job_id: str, shown: dict[str, str]) -> list[str]:
+    """sbatch for the job that takes over from `job_id`: same script, same resources, any
+    node, starting once `job_id` has ended (its #SBATCH lines are read again by sbatch)."""
+    argv = ["sbatch", "--parsable", f"--dependency=afterany:{job_id}",
+            f"--export=ALL,PGJOB_HOME={home.path},PGJOB={own_command()}"]
+    carried = {"JobName": "--job-name", "TimeLimit": "--time", "Partition": "--partition",
+               "Account": "--account", "QOS": "--qos", "WorkDir": "--chdir"}
+    for field, option in carried.items():
+        value = shown.get(field, "")
+        if value and value not in ("(null)", "UNLIMITED", "Partition_Limit"):
+            argv.append(f"{option}={value}")
+    if shown.get("MinMemoryNode"):
+        argv.append(f"--mem={shown['MinMemoryNode']}")
+    elif shown.get("MinMemoryCPU"):
+        argv.append(f"--mem-per-cpu={shown['MinMemoryCPU']}")
+    if shown.get("NumCPUs", "").isdigit():
+        argv.append(f"--cpus-per-task={shown['NumCPUs']}")
+    if shown.get("StdOut"):
+        argv.append(f"--output={shown['StdOut'].replace(job_id, '%j')}")
+    argv += [shown["Command"], str(home.path)]
+    return argv
+
+
+def submit_successor(home: Home, job_id: str) -> str:
+    """Queue the next serve job of a renewal chain; remembered in the home."""
+    out = proc.run(["scontrol", "show", "job", "-o", job_id], timeout=30,
+                   what=f"scontrol could not show job {job_id}")
+    shown = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    if not shown.get("Command") or not Path(shown["Command"]).is_file():
+        raise PgJobError(f"cannot renew job {job_id}: its script ({shown.get('Command')}) "
+                         "is not a file that a new job could run")
+    new = proc.run(successor_argv(home, job_id, shown), timeout=60,
+                   what="sbatch refused the next serve job").strip().splitlines()[-1]
+    new = new.split(";")[0]
+    home.write(home.successor, json.dumps({"job_id": new, "after": job_id}) + "\n")
+    return new
+
+
+def cancel_successor(home: Home) -> str | None:
+    """End a renewal chain: cancel the queued next serve job, if any."""
+    try:
+        record = json.loads(home.successor.read_text())
+    except (OSError, ValueError):
+        return None
+    home.successor.unlink(missing_ok=True)
+    try:
+        proc.run(["scancel", record["job_id"]], timeout=30, what="scancel failed")
+    except PgJobError:
+        return None
+    return record["job_id"]

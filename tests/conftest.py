@@ -67,16 +67,20 @@ def home_path(template_home, tmp_path) -> Path:
 
 
 class Served:
-    """A `pgjob serve` running in the background for one test."""
+    """A `pgjob serve` running in the background for one test (stopped after it, always)."""
 
-    def __init__(self, home: Path, log: Path, *extra: str) -> None:
+    started: list["Served"] = []
+
+    def __init__(self, home: Path, log: Path, *extra: str, env: dict | None = None) -> None:
         self.home_path = home
         self.home = open_home(home)
         self.log = log
-        with open(log, "w") as out:
+        with open(log, "a") as out:
             self.process = subprocess.Popen(
                 pgjob_cmd("serve", "--home", str(home), *LOOPBACK, "--health-interval", "0.5",
-                          *extra), stdout=out, stderr=subprocess.STDOUT)
+                          *extra), stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})})
+        Served.started.append(self)
 
     def endpoint(self, timeout: float = 60) -> endpoint.Endpoint:
         try:
@@ -91,6 +95,16 @@ class Served:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout)
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    yield
+    while Served.started:
+        served = Served.started.pop()
+        if served.process.poll() is None:
+            served.process.terminate()
+            served.process.wait(60)
 
 
 @pytest.fixture

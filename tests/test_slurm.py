@@ -5,10 +5,12 @@ jobs as the unprivileged user running the suite. The host stands in for the logi
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -68,10 +70,10 @@ class Slurm:
         return got
 
     def cancel_all(self) -> None:
-        for job in self.jobs:
-            subprocess.run(["scancel", job], capture_output=True, timeout=30)
-        for job in self.jobs:
-            until(lambda: self.state(job).state in FINISHED, 60, 0.5)
+        # also the successors that renewing servers queued themselves
+        subprocess.run(["scancel", "-u", getpass.getuser()], capture_output=True, timeout=30)
+        until(lambda: not subprocess.run(["squeue", "-h", "-u", getpass.getuser()],
+                                         capture_output=True, text=True).stdout.strip(), 60, 0.5)
 
 
 @pytest.fixture
@@ -103,17 +105,24 @@ def controldata_state(home: Path) -> str:
     return cluster_state(bindir, home / "data", None)
 
 
-def serve_job(slurm: Slurm, home: Path, node: str, *extra: str) -> str:
+# Heartbeats and grace short enough for a test; the defaults are 30 s and 120 s.
+FAST = {"PGJOB_HEARTBEAT_INTERVAL": "2", "PGJOB_GRACE_PERIOD": "10"}
+
+
+def serve_job(slurm: Slurm, home: Path, node: str, *extra: str, renew: bool = False) -> str:
     # The test nodes have 4000 MB; the script's default of 4G is for real clusters.
     return slurm.sbatch("-w", node, "--mem=1G", f"--output={home.parent}/serve-%j.out", *extra,
-                        str(SERVE_SCRIPT), str(home))
+                        str(SERVE_SCRIPT), str(home),
+                        env={**FAST, "PGJOB_RENEW": "1" if renew else "0"})
 
 
 def worker_job(slurm: Slurm, home: Path, node: str, study: str, trials: int,
                sleep: float) -> str:
-    return slurm.sbatch("-w", node, "--array=1", "--mem=500M", f"--output={slurm.workdir}/worker-%A_%a.out",
+    return slurm.sbatch("-w", node, "--array=1", "--mem=500M",
+                        f"--output={slurm.workdir}/worker-%A_%a.out",
                         str(WORKER_SCRIPT), str(OBJECTIVE), "--sleep", str(sleep),
-                        env={"PGJOB_HOME": str(home), "STUDY": study, "TRIALS": str(trials)})
+                        env={**FAST, "PGJOB_HOME": str(home), "STUDY": study,
+                             "TRIALS": str(trials)})
 
 
 def trial_states(found: endpoint.Endpoint, study: str) -> dict[str, int]:
@@ -216,3 +225,115 @@ def test_two_homes_served_on_one_node_do_not_collide(cluster, slurm, tmp_path):
     sockets = {(h / "data" / "pgjob.conf").read_text().split("unix_socket_directories = ")[1]
                .splitlines()[0] for h in homes}
     assert len(sockets) == 2
+
+
+# ---- issue 4: nothing lost -------------------------------------------------------------
+
+def crash(*needles: str) -> int:
+    """SIGKILL, all at once, to every process of ours whose command line holds all needles:
+    a node dying or the OOM killer, which no scancel reproduces (Slurm sends SIGTERM first)."""
+    me = os.getuid()
+    doomed = [p for p in psutil.process_iter(["uids", "cmdline"])
+              if p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid()
+              and all(n in " ".join(p.info["cmdline"] or []) for n in needles)]
+    # the postmaster first: killing serve first would make the kernel ask it for a clean
+    # shutdown (PR_SET_PDEATHSIG), which is not the crash we want
+    for p in sorted(doomed, key=lambda p: p.name() != "postgres"):
+        p.kill()
+    return len(doomed)
+
+
+def test_killed_server_job_moves_to_another_node_and_workers_finish(
+        cluster, slurm, cluster_home):
+    first = serve_job(slurm, cluster_home, "node1")
+    before = published(cluster_home)
+    workers = [worker_job(slurm, cluster_home, node, "moved", 15, 0.5)
+               for node in ("node2", "node3")]
+    assert until(lambda: trial_states(before, "moved").get("COMPLETE", 0) >= 6, 120)
+    assert crash(str(cluster_home)) >= 2  # pgjob serve and the postmaster, at once
+    slurm.wait_state(first, FINISHED, 60)
+    assert until(lambda: not postmasters_of(cluster_home), 30)
+    serve_job(slurm, cluster_home, "node3")
+    after = published(cluster_home)
+    assert after.host == cluster["NODE3_ADDR"] and after.generation > before.generation
+    for job in workers:
+        assert slurm.wait_state(job, FINISHED, 240) == "COMPLETED", worker_logs(slurm)
+    assert "Traceback" not in worker_logs(slurm)
+    assert trial_states(after, "moved").get("COMPLETE") >= 30
+    # after the grace period nothing is left RUNNING (a trial cut short is failed, retried)
+    assert until(lambda: "RUNNING" not in trial_states(after, "moved"), 60)
+    log = (cluster_home / "logs" / "postgresql.log").read_text()
+    assert "not properly shut down" in log  # it really was a crash, recovered from the WAL
+
+
+def test_a_second_server_on_another_node_is_refused(cluster, slurm, cluster_home):
+    serve_job(slurm, cluster_home, "node1")
+    found = published(cluster_home)
+    second = serve_job(slurm, cluster_home, "node2")
+    assert slurm.wait_state(second, FINISHED, 60) == "FAILED"
+    log = (cluster_home.parent / f"serve-{second}.out").read_text()
+    assert "already answers" in log and "Traceback" not in log
+    assert endpoint.check(found) is None and published(cluster_home) == found
+
+
+def test_a_server_whose_lease_is_stolen_stops(cluster, slurm, cluster_home):
+    from pgjob import lease
+
+    job = serve_job(slurm, cluster_home, "node2")
+    published(cluster_home)
+    lease._write(open_home(cluster_home), lease.Lease(
+        token="thief", node="elsewhere", job_id="0", pid=1, create_time=0.0, generation=99,
+        renewed_at=time.time()))
+    assert slurm.wait_state(job, FINISHED, 60) == "FAILED"
+    assert until(lambda: not postmasters_of(cluster_home), 30)
+    assert "lost the home's lease" in (cluster_home.parent / f"serve-{job}.out").read_text()
+
+
+def test_renewal_carries_a_study_across_short_jobs(cluster, slurm, cluster_home):
+    first = serve_job(slurm, cluster_home, "node1", "--time=1", "--signal=B:TERM@40",
+                      renew=True)
+    start = published(cluster_home)
+    workers = [worker_job(slurm, cluster_home, node, "renewed", 40, 2.5)
+               for node in ("node2", "node3")]
+    # two renewals while the workers run: three server jobs in all
+    assert until(lambda: (e := endpoint.read(open_home(cluster_home))) is not None
+                 and e.generation >= start.generation + 2, 240, 1)
+    assert all(slurm.state(w).state == "RUNNING" for w in workers)
+    assert slurm.state(first).state == "COMPLETED"
+    for job in workers:
+        assert slurm.wait_state(job, FINISHED, 300) == "COMPLETED", worker_logs(slurm)
+    assert trial_states(published(cluster_home), "renewed").get("COMPLETE") >= 80
+    # pgjob stop ends the chain: no serve job is left, queued or running
+    run_pgjob("stop", "--home", str(cluster_home), "--wait", "60", check=True)
+    assert until(lambda: not subprocess.run(["squeue", "-h", "-u", getpass.getuser()],
+                                            capture_output=True, text=True).stdout.strip(),
+                 30, 0.5)
+
+
+def test_a_killed_worker_s_trial_is_failed_and_retried(cluster, slurm, cluster_home):
+    serve_job(slurm, cluster_home, "node1")
+    found = published(cluster_home)
+    doomed = worker_job(slurm, cluster_home, "node2", "retried", 1, 600)
+    assert until(lambda: trial_states(found, "retried").get("RUNNING") == 1, 90)
+    time.sleep(3)  # a heartbeat or two
+    assert crash(str(OBJECTIVE), "--study retried") == 1
+    assert until(lambda: trial_states(found, "retried") == {"FAIL": 1, "WAITING": 1}, 90)
+    rescuer = worker_job(slurm, cluster_home, "node3", "retried", 1, 0)
+    assert slurm.wait_state(rescuer, FINISHED, 120) == "COMPLETED", worker_logs(slurm)
+    assert trial_states(found, "retried") == {"FAIL": 1, "COMPLETE": 1}
+
+
+def test_backup_from_the_login_node_restores_into_a_new_home(cluster, slurm, cluster_home,
+                                                              tmp_path):
+    serve_job(slurm, cluster_home, "node1")
+    found = published(cluster_home)
+    worker = worker_job(slurm, cluster_home, "node2", "saved", 5, 0)
+    assert slurm.wait_state(worker, FINISHED, 120) == "COMPLETED"
+    made = run_pgjob("backup", "--home", str(cluster_home), check=True).stdout.split()[-1]
+    restored = tmp_path / "restored" / "home"
+    restored.parent.mkdir()
+    run_pgjob("restore", made, "--home", str(restored), check=True)
+    serve_job(slurm, restored, "node3")
+    again = published(restored)
+    assert again.host == cluster["NODE3_ADDR"]
+    assert trial_states(again, "saved") == trial_states(found, "saved") == {"COMPLETE": 5}
