@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import resilience  # noqa: E402
 import serve_start  # noqa: E402
 
 
@@ -29,6 +30,14 @@ def main(argv=None) -> int:
     print(f"serve start: pgjob serve {r['pgjob_serve_s'] * 1000:.0f} ms, pg_ctl start -w "
           f"{r['pg_ctl_start_s'] * 1000:.0f} ms, ratio {r['ratio']} (target <= "
           f"{r['target_ratio']}, {'met' if r['met'] else 'NOT met'}; median of {r['repeats']})")
+    results["resilience"] = resilience.measure(args.quick)
+    rec, thr = results["resilience"]["recovery"], results["resilience"]["throughput"]
+    print(f"recovery: new server published {rec['restart_s']} s after the old one was killed; "
+          f"workers progressing after {rec['recovery_s']} s ({rec['target']}: "
+          f"{'met' if rec['met'] else 'NOT met'})")
+    print(f"throughput ({thr['workers']} workers): pgjob storage {thr['pgjob_trials_per_s']} "
+          f"trials/s, plain RDBStorage {thr['plain_trials_per_s']} trials/s, ratio "
+          f"{thr['ratio']} (target >= {thr['target_ratio']}, {'met' if thr['met'] else 'NOT met'})")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

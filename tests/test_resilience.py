@@ -1,0 +1,214 @@
+"""Nothing lost: the lease, crash recovery, workers that follow a restarted server,
+stale trials failed and retried, backups. On one machine; tests/test_slurm.py has the
+same across nodes."""
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from conftest import Served, run_pgjob
+from pgjob import endpoint, lease
+from pgjob.home import open_home
+from pgjob.waiting import until
+
+pytestmark = pytest.mark.pg
+
+WORKER = """
+import sys, time, optuna, pgjob
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+home, study_name, trials, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+study = optuna.create_study(storage=pgjob.optuna_storage(home, wait=120),
+                            study_name=study_name, load_if_exists=True)
+def objective(trial):
+    x = trial.suggest_float("x", -1, 1)
+    time.sleep(pause)
+    return x * x
+study.optimize(objective, n_trials=trials)
+print("worker finished", flush=True)
+"""
+
+FAST_HEARTBEATS = {"PGJOB_HEARTBEAT_INTERVAL": "1", "PGJOB_GRACE_PERIOD": "4"}
+
+
+def start_worker(home_path, tmp_path, study, trials, pause, env=None):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen([sys.executable, str(script), str(home_path), study, str(trials),
+                             str(pause)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}), log.name
+
+
+def states(found, study):
+    with found.connect() as conn:
+        return dict(conn.execute(
+            "select t.state::text, count(*) from trials t join studies s using (study_id) "
+            "where s.study_name = %s group by 1", (study,)).fetchall())
+
+
+def test_workers_carry_on_across_a_server_restart_on_another_port(home_path, tmp_path):
+    served = Served(home_path, tmp_path / "serve.log")
+    first = served.endpoint()
+    worker, log = start_worker(home_path, tmp_path, "moving", 40, 0.1)
+    assert until(lambda: states(first, "moving").get("COMPLETE", 0) >= 5, 60)
+    assert served.stop() == 0
+    # the next server finds its old port taken, as on a new node it would have a new address
+    import socket
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", first.port))
+        squatter.listen()
+        time.sleep(2)  # the worker is now without a server
+        served = Served(home_path, tmp_path / "serve.log")
+        second = served.endpoint()
+        assert second.port != first.port and second.generation == first.generation + 1
+        assert worker.wait(120) == 0, open(log).read()
+    assert "worker finished" in open(log).read()
+    assert states(second, "moving") == {"COMPLETE": 40}
+    served.stop()
+
+
+def test_a_killed_worker_s_trial_is_failed_and_retried(home_path, tmp_path):
+    served = Served(home_path, tmp_path / "serve.log", env=FAST_HEARTBEATS)
+    found = served.endpoint()
+    worker, _ = start_worker(home_path, tmp_path, "killed", 1, 600, env=FAST_HEARTBEATS)
+    assert until(lambda: states(found, "killed").get("RUNNING") == 1, 60)
+    time.sleep(1.5)  # at least one heartbeat recorded
+    worker.kill()
+    # the server's own sweep fails it (no other worker calls optimize) and queues a retry
+    assert until(lambda: states(found, "killed") == {"FAIL": 1, "WAITING": 1}, 60), \
+        states(found, "killed")
+    study = optuna.load_study(study_name="killed", storage=found.sqlalchemy_url())
+    retried = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING][0]
+    assert retried.system_attrs["failed_trial"] == 0  # a retry of trial 0
+    served.stop()
+
+
+def test_running_trials_keep_their_heartbeat_through_a_restart(home_path, tmp_path):
+    served = Served(home_path, tmp_path / "serve.log", env=FAST_HEARTBEATS)
+    found = served.endpoint()
+    worker, log = start_worker(home_path, tmp_path, "slow", 2, 8, env=FAST_HEARTBEATS)
+    assert until(lambda: states(found, "slow").get("RUNNING") == 1, 60)
+    served.stop()
+    time.sleep(6)  # longer than the grace period, with no server to send heartbeats to
+    served = Served(home_path, tmp_path / "serve.log", env=FAST_HEARTBEATS)
+    assert worker.wait(120) == 0, open(log).read()
+    assert states(served.endpoint(), "slow") == {"COMPLETE": 2}
+    served.stop()
+
+
+def test_a_crashed_server_recovers_every_committed_row(home_path, tmp_path):
+    served = Served(home_path, tmp_path / "serve.log")
+    found = served.endpoint()
+    with found.connect() as conn:
+        conn.execute("create table kept (v int)")
+        conn.execute("insert into kept select generate_series(1, 1000)")
+    postmaster = served.postmaster()
+    served.process.kill()
+    postmaster.kill()  # no shutdown checkpoint: a crash
+    served.process.wait(30)
+    served = Served(home_path, tmp_path / "serve.log")
+    with served.endpoint().connect() as conn:
+        assert conn.execute("select count(*) from kept").fetchone() == (1000,)
+    assert "not properly shut down" in (home_path / "logs" / "postgresql.log").read_text()
+    served.stop()
+
+
+def test_a_stale_postmaster_pid_from_another_node_is_set_aside(home_path, tmp_path):
+    (home_path / "data" / "postmaster.pid").write_text(f"{os.getpid()}\n/elsewhere\n")
+    served = Served(home_path, tmp_path / "serve.log")
+    served.endpoint()
+    assert "set aside a stale postmaster.pid" in served.log.read_text()
+    assert list((home_path / "data").glob("postmaster.pid.stale-*"))
+    served.stop()
+
+
+def test_a_lease_renewed_by_another_node_refuses_a_second_server(home_path, tmp_path):
+    home = open_home(home_path)
+    held = lease.Lease(token="other", node="node-elsewhere", job_id="77", pid=1,
+                       create_time=0.0, generation=4, renewed_at=time.time())
+    lease._write(home, held)
+    stop = time.monotonic() + 20
+
+    def keep_renewing():
+        nonlocal held
+        while time.monotonic() < stop and not done.is_set():
+            held = lease.renew(home, held)
+            time.sleep(0.5)
+    import threading
+    done = threading.Event()
+    renewer = threading.Thread(target=keep_renewing)
+    renewer.start()
+    try:
+        refused = run_pgjob("serve", "--home", str(home_path), "--host", "127.0.0.1")
+    finally:
+        done.set()
+        renewer.join()
+    assert refused.returncode == 7
+    assert "holds this home's lease" in refused.stderr and "node-elsewhere" in refused.stderr
+    assert endpoint.read(home) is None  # nothing was published by the refused server
+
+
+def test_an_expired_lease_of_a_dead_job_is_taken_over(home_path, tmp_path):
+    home = open_home(home_path)
+    lease._write(home, lease.Lease(token="dead", node="node-elsewhere", job_id="78", pid=1,
+                                   create_time=0.0, generation=4, renewed_at=time.time(),
+                                   ttl=3))
+    served = Served(home_path, tmp_path / "serve.log")
+    served.endpoint()
+    taken = lease.read(home)
+    assert taken.token != "dead" and taken.generation == 5
+    served.stop()
+
+
+def test_a_server_whose_lease_is_stolen_stops_at_once(server, home_path):
+    home = open_home(home_path)
+    postmaster = server.postmaster()
+    lease._write(home, lease.Lease(token="thief", node="node-elsewhere", job_id="79", pid=1,
+                                   create_time=0.0, generation=99, renewed_at=time.time()))
+    assert server.process.wait(30) == 9
+    assert not postmaster.is_running()
+    assert "lost the home's lease" in server.log.read_text()
+    assert lease.read(home).token == "thief"  # left to its new holder
+
+
+def test_backup_on_demand_at_stop_and_restore_into_a_new_home(server, home_path, tmp_path):
+    found = server.endpoint()
+    study = optuna.create_study(storage=found.sqlalchemy_url(), study_name="kept")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+    expected = [(t.params, t.value) for t in study.trials]
+    done = run_pgjob("backup", "--home", str(home_path), check=True)
+    made = done.stdout.strip().split()[-1]
+    assert os.stat(made).st_mode & 0o777 == 0o600
+    server.stop()
+    dumps = sorted((home_path / "backups").glob("*.dump"))
+    assert len(dumps) == 2  # on demand, and at the clean stop
+
+    new_home = tmp_path / "restored"
+    run_pgjob("restore", str(dumps[-1]), "--home", str(new_home), "--allow", "127.0.0.1/32",
+              check=True)
+    restored = Served(new_home, tmp_path / "restored.log")
+    again = optuna.load_study(study_name="kept", storage=restored.endpoint().sqlalchemy_url())
+    assert [(t.params, t.value) for t in again.trials] == expected
+    restored.stop()
+
+
+def test_backups_are_rotated(server, home_path):
+    made = []
+    for _ in range(4):
+        done = run_pgjob("backup", "--home", str(home_path), env={"PGJOB_BACKUPS_KEEP": "2"},
+                         check=True)
+        made.append(done.stdout.strip().split()[-1])
+        time.sleep(1.1)  # names carry the second
+    kept = sorted(str(p) for p in (home_path / "backups").glob("*.dump"))
+    assert kept == made[-2:]
+
+
+def test_restore_refuses_an_existing_home(home_path, tmp_path):
+    dump = tmp_path / "x.dump"
+    dump.write_bytes(b"PGDMP")
+    done = run_pgjob("restore", str(dump), "--home", str(home_path))
+    assert done.returncode == 4 and "new home" in done.stderr
