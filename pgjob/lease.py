@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import psutil
 
@@ -24,7 +27,6 @@ from .waiting import until
 log = logging.getLogger("pgjob.lease")
 
 TTL = 30.0  # seconds a lease stays valid without renewal
-SETTLE = 0.5  # after writing a lease, how long to wait before checking that we won
 
 
 @dataclass(frozen=True)
@@ -67,43 +69,77 @@ def _write(home: Home, lease: Lease) -> None:
     home.write(home.lease_file, json.dumps(dataclasses.asdict(lease), indent=2) + "\n")
 
 
+@contextmanager
+def _exclusive(home: Home, timeout: float = 15.0, stale_after: float = 10.0) -> Iterator[None]:
+    """Only one serve decides about the lease at a time: O_EXCL creation of a lock file is
+    atomic, on NFS too. A lock older than `stale_after` s was left by a serve that died."""
+    lock = home.run / "lease.lock"
+
+    def take() -> bool:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > stale_after:
+                    lock.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            return False
+
+    if not until(take, timeout, interval=0.05):
+        raise AlreadyServing(f"another pgjob serve is taking this home's lease ({lock} is "
+                             "held); leaving the home to it")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _wait_until_free(home: Home, current: Lease, wait_for_expiry: float) -> None:
+    """Watch a live lease: renewed means a live server (refuse), expired means free."""
+    log.info("the home's lease is held (%s); waiting to see whether it is renewed",
+             current.describe())
+
+    def settled() -> str:
+        now = read(home)
+        if now is None or now.expired() or now.holder_gone():
+            return "free"
+        if now.renewed_at != current.renewed_at or now.token != current.token:
+            return "renewed"
+        return ""
+
+    if until(settled, wait_for_expiry, interval=0.5) != "free":
+        holder = read(home) or current
+        raise AlreadyServing(
+            f"another pgjob serve holds this home's lease ({holder.describe()}); two "
+            "servers on one data directory would corrupt it. Stop it with `pgjob stop` "
+            "first, or wait for its job to end")
+
+
+def _is_free(current: Lease | None) -> bool:
+    return current is None or current.expired() or current.holder_gone()
+
+
 def acquire(home: Home, job_id: str, wait_for_expiry: float = TTL + 10) -> Lease:
     """Take the lease, waiting for a dead holder's lease to expire.
 
     A lease that is renewed while we watch belongs to a live server: refuse at once.
     """
     current = read(home)
-    if current is not None and not current.expired() and not current.holder_gone():
-        log.info("the home's lease is held (%s); waiting to see whether it is renewed",
-                 current.describe())
-
-        def settled() -> str:
-            now = read(home)
-            if now is None or now.expired() or now.holder_gone():
-                return "free"
-            if now.renewed_at != current.renewed_at or now.token != current.token:
-                return "renewed"
-            return ""
-
-        verdict = until(settled, wait_for_expiry, interval=0.5)
-        if verdict != "free":
-            holder = read(home) or current
-            raise AlreadyServing(
-                f"another pgjob serve holds this home's lease ({holder.describe()}); two "
-                "servers on one data directory would corrupt it. Stop it with `pgjob stop` "
-                "first, or wait for its job to end")
-    me = psutil.Process()
-    mine = Lease(token=secrets.token_hex(16), node=scheduler.current().node, job_id=job_id,
-                 pid=me.pid, create_time=me.create_time(),
-                 generation=(current.generation if current else 0) + 1,
-                 renewed_at=time.time())
-    _write(home, mine)
-    time.sleep(SETTLE)  # two serves taking over at once: the last writer wins, the other sees it
-    winner = read(home)
-    if winner is None or winner.token != mine.token:
-        raise AlreadyServing("another pgjob serve took this home's lease at the same moment "
-                             f"({winner.describe() if winner else 'unreadable lease'}); "
-                             "leaving the home to it")
+    if not _is_free(current):
+        _wait_until_free(home, current, wait_for_expiry)
+    with _exclusive(home):
+        current = read(home)  # again, under the lock: another serve may have been quicker
+        if not _is_free(current):
+            raise AlreadyServing(f"another pgjob serve took this home's lease first "
+                                 f"({current.describe()}); leaving the home to it")
+        me = psutil.Process()
+        mine = Lease(token=secrets.token_hex(16), node=scheduler.current().node,
+                     job_id=job_id, pid=me.pid, create_time=me.create_time(),
+                     generation=(current.generation if current else 0) + 1,
+                     renewed_at=time.time())
+        _write(home, mine)
     return mine
 
 
