@@ -136,6 +136,7 @@ class Serve:
     lease_lost: bool = False
     job_end: float | None = None
     backup_thread: threading.Thread | None = None
+    troubles: set[str] = field(default_factory=set)
 
     def run(self) -> int:
         home = self.home
@@ -251,7 +252,8 @@ class Serve:
                 if until(self._stop_asked, self.health_interval, interval=0.25):
                     log.info("stopping: %s", self.stop_reason)
                     return 0
-                self.lease = lease.renew(self.home, self.lease)
+                self._renew_lease()
+                self._check_disk()
                 if not self.server.alive():
                     self._restart()
                     continue
@@ -267,9 +269,41 @@ class Serve:
         finally:
             sweeper.close()
 
+    def _renew_lease(self) -> None:
+        try:
+            self.lease = lease.renew(self.home, self.lease)
+            self.troubles.discard("lease")
+        except OSError as exc:  # a full or hung filesystem: the lease lasts a while yet
+            self._once("lease", f"could not renew the lease in {self.home.path}: {exc}")
+
+    def _check_disk(self) -> None:
+        free = shutil.disk_usage(self.home.data).free
+        if free >= DISK_FULL_BYTES:
+            if "disk" in self.troubles:
+                log.info("there is room on the disk again (%d MB free)", free // 2**20)
+            self.troubles.discard("disk")
+            return
+        self._once("disk", f"the disk holding {self.home.data} is full ({free // 2**20} MB "
+                           "free): the server cannot store new trials, and workers wait. "
+                           "Free some space there; everything carries on by itself")
+
+    def _once(self, trouble: str, message: str) -> None:
+        """Log a trouble when it starts, not at every check while it lasts."""
+        if trouble not in self.troubles:
+            self.troubles.add(trouble)
+            log.error("%s", message)
+
+    def _withdraw(self, reason: str) -> None:
+        """Withdraw the endpoint; a failed write (full disk) must not stop what follows."""
+        try:
+            endpoint.withdraw(self.home, reason)
+        except OSError as exc:
+            log.warning("could not withdraw the endpoint (%s); clients will find the server "
+                        "does not answer", exc)
+
     def _restart(self) -> None:
         code = self.server.process.returncode
-        endpoint.withdraw(self.home, f"server died (exit code {code}); restarting")
+        self._withdraw(f"server died (exit code {code}); restarting")
         free = shutil.disk_usage(self.home.data).free
         if free < DISK_FULL_BYTES:
             log.error("the disk holding %s is full (%d MB free): PostgreSQL cannot run. Free "
@@ -322,7 +356,7 @@ class Serve:
             if server is not None:
                 server.stop(fast_timeout=0)
             return
-        endpoint.withdraw(self.home, self.stop_reason or "serve ended")
+        self._withdraw(self.stop_reason or "serve ended")
         if self.renew and self._ends_chain():
             cancelled = submit.cancel_successor(self.home)
             if cancelled:
@@ -341,7 +375,10 @@ class Serve:
                 log.warning("PostgreSQL stopped, but pg_controldata says %r; the next start "
                             "will recover from the WAL", state)
         if self.lease is not None:
-            lease.release(self.home, self.lease)
+            try:
+                lease.release(self.home, self.lease)
+            except OSError as exc:
+                log.warning("could not release the lease (%s); it expires by itself", exc)
 
 
 def serve(home_option, *, host: str = "", interface: str = "", run_as: str = "",

@@ -64,6 +64,11 @@ def is_connection_loss(exc: BaseException) -> bool:
     return False
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _make_storage_class():
     import optuna
     from optuna.trial import TrialState
@@ -143,8 +148,9 @@ def _retrying(name: str, base):
             except Exception as exc:
                 if not is_connection_loss(exc) or time.monotonic() > deadline:
                     raise
-                log.warning("lost the connection to the server during %s; waiting for it to "
-                            "come back (home %s)", name, self.pgjob_home.path)
+                log.warning("the server could not complete %s (%s); waiting for it to "
+                            "come back (home %s)", name, _first_line(exc),
+                            self.pgjob_home.path)
                 self.engine.dispose()  # every pooled connection went to the old server
                 time.sleep(pause)
                 pause = min(pause * 2, self.pgjob_pause)

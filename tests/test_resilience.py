@@ -212,3 +212,21 @@ def test_restore_refuses_an_existing_home(home_path, tmp_path):
     dump.write_bytes(b"PGDMP")
     done = run_pgjob("restore", str(dump), "--home", str(home_path))
     assert done.returncode == 4 and "new home" in done.stderr
+
+
+def test_a_moved_home_serves_and_is_found_at_its_new_place(home_path, tmp_path):
+    served = Served(home_path, tmp_path / "serve.log")
+    with served.endpoint().connect() as conn:
+        conn.execute("create table kept (v int); insert into kept values (1)")
+    served.stop()
+    moved = tmp_path / "elsewhere" / "home"
+    moved.parent.mkdir()
+    home_path.rename(moved)
+    served = Served(moved, tmp_path / "moved.log")
+    found = served.endpoint()
+    assert found.passfile == str(moved / "secrets" / "app.pgpass")
+    with found.connect() as conn:
+        assert conn.execute("select v from kept").fetchone() == (1,)
+    url = run_pgjob("url", "--home", str(moved), check=True).stdout
+    assert str(moved) in url
+    served.stop()

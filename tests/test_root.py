@@ -1,12 +1,15 @@
 """pgjob started as root: PostgreSQL refuses root, so pgjob runs it as another account."""
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from conftest import Served, run_pgjob
+from pgjob.waiting import until
 
 pytestmark = pytest.mark.root
 
@@ -51,3 +54,58 @@ def test_a_home_the_account_cannot_reach_is_refused_before_initdb(tmp_path):
     done = run_pgjob("init", "--home", str(tmp_path / "home"))
     assert done.returncode == 4
     assert "cannot enter" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def small_disk():
+    """A 200 MB filesystem of its own (tmpfs), so that filling it harms nothing else."""
+    path = Path(tempfile.mkdtemp(prefix="pgjob-disk-", dir="/var/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,mode=0755", "tmpfs", str(path)],
+                   check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(small_disk,
+                                                                           tmp_path):
+    import optuna
+
+    home = small_disk / "home"
+    run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", check=True)
+    served = Served(home, tmp_path / "serve.log")
+    study_url = served.endpoint().sqlalchemy_url()
+    optuna.create_study(storage=study_url, study_name="full")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as out:  # fill the disk to the last block
+        try:
+            while True:
+                out.write(b"\0" * (1 << 20))
+                out.flush()
+        except OSError:
+            pass
+    # each trial carries 10 kB that do not compress, so the study soon needs space the disk no longer has
+    worker = subprocess.Popen(
+        [sys.executable, "-c",
+         "import optuna, pgjob, secrets, sys\n"
+         "optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
+         "s = optuna.load_study(study_name='full', storage=pgjob.optuna_storage(sys.argv[1]))\n"
+         "def f(t):\n"
+         "    t.set_user_attr('blob', secrets.token_hex(5000))  # does not compress\n"
+         "    return t.suggest_float('x', 0, 1)\n"
+         "s.optimize(f, n_trials=1500)\n", str(home)],
+        stderr=open(tmp_path / "worker.err", "w"))  # not on the full disk
+    worker_err = tmp_path / "worker.err"
+    assert until(lambda: "is full" in served.log.read_text(), 120), served.log.read_text()
+    # the worker meets the full disk and waits (its storage retries), rather than crashing
+    assert until(lambda: "waiting for it to come back" in worker_err.read_text(), 120)
+    status = run_pgjob("status", "--home", str(home))
+    assert status.returncode in (1, 2), status.stdout  # degraded, or down if it crashed
+    assert worker.poll() is None  # waiting for the server, not crashed
+    filler.unlink()
+    assert worker.wait(300) == 0, worker_err.read_text()
+    trials = optuna.load_study(study_name="full",
+                               storage=served.endpoint(120).sqlalchemy_url()).trials
+    assert len(trials) == 1500
+    assert run_pgjob("status", "--home", str(home)).returncode == 0
+    served.stop()
