@@ -392,6 +392,7 @@ def request_stop(home_option, wait: float = 0) -> bool:
     """Ask the serving process to stop, from any node that sees the home.
 
     Returns True when nothing serves the home any more (at once, or within `wait` s).
+    A serve that died without cleaning up (its lease no longer renewed) counts as stopped.
     """
     home = open_home(home_option).require()
     record = read_record(home)
@@ -403,4 +404,18 @@ def request_stop(home_option, wait: float = 0) -> bool:
             os.kill(record["pid"], signal.SIGTERM)
         except ProcessLookupError:
             pass
-    return bool(until(lambda: not home.serve_record.exists(), wait, interval=0.2))
+
+    def nothing_serves() -> bool:
+        if not home.serve_record.exists():
+            return True
+        held = lease.read(home)
+        if held is None or held.expired() or held.holder_gone():
+            home.serve_record.unlink(missing_ok=True)  # left by a serve that died
+            home.stop_request.unlink(missing_ok=True)
+            stale = endpoint.read(home)
+            if stale is not None and endpoint.check(stale, timeout=3) is not None:
+                endpoint.withdraw(home, "its serve process died")
+            return True
+        return False
+
+    return bool(until(nothing_serves, wait, interval=0.2))

@@ -177,3 +177,11 @@ def test_commands_on_a_missing_home_say_how_to_make_one(tmp_path, command):
     done = run_pgjob(command, "--home", str(tmp_path / "nowhere"))
     assert done.returncode == 4
     assert "no pgjob home" in done.stderr and "pgjob init" in done.stderr
+
+
+def test_stop_after_serve_was_killed_outright_says_stopped(server, home_path):
+    server.stop(signal.SIGKILL)
+    done = run_pgjob("stop", "--home", str(home_path), "--wait", "10", timeout=30)
+    assert done.returncode == 0 and "stopped" in done.stdout
+    assert not (home_path / "run" / "serve.json").exists()
+    assert "its serve process died" in run_pgjob("url", "--home", str(home_path)).stderr
