@@ -71,12 +71,14 @@ class StaleTrialSweeper:
 
     def _open(self):
         import optuna
+        from sqlalchemy.pool import NullPool
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # NullPool: a sweep a minute must not hold one of the workers' connections
             return optuna.storages.RDBStorage(
                 self.url, skip_table_creation=True, skip_compatibility_check=True,
-                engine_kwargs={"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True},
+                engine_kwargs={"poolclass": NullPool},
                 heartbeat_interval=self.settings.heartbeat_interval,
                 grace_period=self.settings.grace_period,
                 heartbeat_stale_trial_callback=retry_callback(3))
