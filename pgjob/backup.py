@@ -6,14 +6,18 @@ import time
 from pathlib import Path
 
 from . import proc
-from .home import Home, Settings
+from .home import Home
+from .tls import SSLMODE
 
 SUFFIX = ".dump"
 
 
-def conninfo(*, host: str, port: int, settings: Settings, passfile: Path) -> str:
+def conninfo(home: Home, *, host: str, port: int) -> str:
+    """Over TCP, verified TLS as every client uses; over the Unix socket TLS does not apply."""
+    settings = home.settings()
     return (f"host='{host}' port={port} dbname='{settings.database}' user='{settings.user}' "
-            f"passfile='{passfile}'")
+            f"passfile='{home.app_passfile}' sslmode={SSLMODE} "
+            f"sslrootcert='{home.secrets / 'ca.crt'}'")
 
 
 def dump(home: Home, bindir: Path, *, host: str, port: int, out_dir: Path | None = None,
@@ -33,7 +37,7 @@ def dump(home: Home, bindir: Path, *, host: str, port: int, out_dir: Path | None
     partial = out_dir / f".{final.name}.partial"
     try:
         proc.run([bindir / "pg_dump", "--format=custom", f"--file={partial}",
-                  f"--dbname={conninfo(host=host, port=port, settings=settings, passfile=home.app_passfile)}"],
+                  f"--dbname={conninfo(home, host=host, port=port)}"],
                  timeout=timeout, what="pg_dump failed")
         os.chmod(partial, 0o600)
         home.give(partial)
@@ -53,9 +57,8 @@ def rotate(directory: Path, keep: int) -> None:
 
 def restore(home: Home, bindir: Path, dump_file: Path, *, host: str, port: int) -> None:
     """Load a dump into the (empty) study database of `home`, owned by its app role."""
-    settings = home.settings()
     proc.run([bindir / "pg_restore", "--no-owner", "--no-privileges", "--exit-on-error",
-              f"--dbname={conninfo(host=host, port=port, settings=settings, passfile=home.app_passfile)}",
+              f"--dbname={conninfo(home, host=host, port=port)}",
               str(dump_file)], timeout=3600, what=f"pg_restore of {dump_file} failed")
 
 

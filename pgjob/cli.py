@@ -130,6 +130,17 @@ def backup(home, out) -> None:
     click.echo(f"backup written: {made}")
 
 
+@main.command("rotate-password")
+@home_option
+def rotate_password(home) -> None:
+    """Give the application role a new password, without stopping the study."""
+    from .passwords import rotate
+
+    rotate(open_home(home).require())
+    click.echo("pgjob: the application password was changed; workers use the new one "
+               "when they next connect")
+
+
 @main.command()
 @click.argument("dump_file", type=click.Path(dir_okay=False))
 @home_option

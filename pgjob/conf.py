@@ -90,16 +90,16 @@ class Access:
 
 
 def hba_block(access: Access) -> str:
-    """Our pg_hba lines: the app role from the allowed networks, the superuser only over
-    the Unix socket, scram-sha-256 everywhere, and everything else rejected."""
+    """Our pg_hba lines: the app role over TLS from the allowed networks, the superuser only
+    over the Unix socket, scram-sha-256 everywhere, and everything else rejected."""
     rows = [("local", "all", access.superuser, "", AUTH),
             ("local", access.database, access.user, "", AUTH)]
-    for net in access.networks:
-        rows.append(("host", access.database, access.user, net, AUTH))
+    for net in access.networks:  # TLS only: a plain-text connection matches no line here
+        rows.append(("hostssl", access.database, access.user, net, AUTH))
     rows += [("local", "all", "all", "", "reject"),
              ("host", "all", "all", "0.0.0.0/0", "reject"),
              ("host", "all", "all", "::/0", "reject")]
-    body = "".join(f"{t:<6} {db:<12} {user:<12} {addr:<20} {method}\n".replace("  \n", "\n")
+    body = "".join(f"{t:<7} {db:<12} {user:<12} {addr:<20} {method}\n".replace("  \n", "\n")
                    for t, db, user, addr, method in rows)
     return f"{HBA_BEGIN}\n{body}{HBA_END}\n"
 

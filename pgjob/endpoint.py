@@ -18,6 +18,7 @@ import psycopg
 from .cluster import connect
 from .errors import NotPublished
 from .home import Home
+from .tls import SSLMODE
 from .waiting import until
 
 SERVING = "serving"
@@ -39,19 +40,24 @@ class Endpoint:
     generation: int
     system_identifier: str
     state: str = SERVING
+    sslrootcert: str = ""
+
+    def _query(self) -> str:
+        return (f"passfile={quote(self.passfile)}&sslmode={SSLMODE}"
+                f"&sslrootcert={quote(self.sslrootcert)}")
 
     def sqlalchemy_url(self) -> str:
         return (f"postgresql+psycopg://{quote(self.user)}@{self.host}:{self.port}/"
-                f"{quote(self.database)}?passfile={quote(self.passfile)}")
+                f"{quote(self.database)}?{self._query()}")
 
     def libpq_url(self) -> str:
         return (f"postgresql://{quote(self.user)}@{self.host}:{self.port}/"
-                f"{quote(self.database)}?passfile={quote(self.passfile)}")
+                f"{quote(self.database)}?{self._query()}")
 
     def env_lines(self) -> str:
         pairs = {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": self.database,
-                 "PGUSER": self.user, "PGPASSFILE": self.passfile,
-                 "PGJOB_URL": self.sqlalchemy_url()}
+                 "PGUSER": self.user, "PGPASSFILE": self.passfile, "PGSSLMODE": SSLMODE,
+                 "PGSSLROOTCERT": self.sslrootcert, "PGJOB_URL": self.sqlalchemy_url()}
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in pairs.items())
 
     def to_json(self) -> str:
@@ -59,7 +65,8 @@ class Endpoint:
 
     def connect(self, timeout: float = 5) -> psycopg.Connection:
         return connect(host=self.host, port=self.port, user=self.user, dbname=self.database,
-                       passfile=Path(self.passfile), timeout=timeout)
+                       passfile=Path(self.passfile), timeout=timeout, sslmode=SSLMODE,
+                       sslrootcert=self.sslrootcert)
 
 
 def read_raw(home: Home) -> dict | None:
@@ -78,12 +85,14 @@ def read(home: Home) -> Endpoint | None:
     if not data or data.get("state") != SERVING:
         return None
     try:
-        found = Endpoint(**{f.name: data[f.name] for f in dataclasses.fields(Endpoint)})
+        found = Endpoint(**{f.name: data[f.name] for f in dataclasses.fields(Endpoint)
+                            if f.name in data or f.default is dataclasses.MISSING})
     except (KeyError, TypeError):
         return None
-    # The passfile as this reader sees the home: right even if the home was moved or is
+    # The secrets as this reader sees the home: right even if the home was moved or is
     # mounted elsewhere on this node.
-    return dataclasses.replace(found, passfile=str(home.app_passfile))
+    return dataclasses.replace(found, passfile=str(home.app_passfile),
+                               sslrootcert=str(home.secrets / "ca.crt"))
 
 
 def last_generation(home: Home) -> int:

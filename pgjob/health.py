@@ -90,10 +90,17 @@ def _job(status: Status, home: Home, published) -> None:
                             time_left_seconds=queued.time_left)
 
 
+def _modes(status: Status, home: Home) -> None:
+    for path, mode in home.loose_modes():
+        status.worse(DEGRADED, f"{path} is open to other users (mode {mode:04o}); run "
+                               "`pgjob init` to repair the home's modes")
+
+
 def check(home: Home) -> Status:
     status = Status()
     status.facts["home"] = str(home.path)
     _disk(status, home)
+    _modes(status, home)
     published = endpoint.read(home)
     _job(status, home, published)
     if published is None:

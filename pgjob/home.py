@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import pwd
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,30 @@ class Home:
             raise UsageError(f"{self.path} is not a pgjob home (no {SETTINGS_NAME}); "
                              f"create one with `pgjob init --home {self.path}`")
         return self
+
+    def private_paths(self) -> list[Path]:
+        """Everything in the home that only its owner may read: the folders, the secrets,
+        the settings and the endpoint (the data directory is PostgreSQL's own 0700)."""
+        paths = [self.path, self.secrets, self.logs, self.run, self.backups, self.data,
+                 self.settings_file, self.endpoint_file]
+        if self.secrets.is_dir():
+            paths += sorted(self.secrets.iterdir())
+        if self.backups.is_dir():
+            paths += sorted(self.backups.iterdir())
+        return [p for p in paths if p.exists()]
+
+    def loose_modes(self) -> list[tuple[Path, int]]:
+        """Private paths that group or others may read, write or enter."""
+        loose = []
+        for path in self.private_paths():
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                loose.append((path, mode))
+        return loose
+
+    def tighten(self) -> None:
+        for path, mode in self.loose_modes():
+            os.chmod(path, mode & 0o700)
 
     def settings(self) -> Settings:
         """Settings from pgjob.toml, overridden by PGJOB_<NAME> environment variables."""

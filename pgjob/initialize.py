@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import stat
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from typing import Iterator
 
 from psycopg import sql
 
-from . import binaries, conf, netinfo
+from . import binaries, conf, netinfo, passwords, tls
 from .cluster import Server, initdb, private_socket_dir
 from .errors import UsageError
 from .home import Home, Settings, open_home
@@ -24,14 +23,6 @@ class InitResult:
     home: Home
     settings: Settings
     created: bool  # False: an existing home was checked and repaired
-
-
-def passfile_line(user: str, password: str) -> str:
-    return f"*:*:*:{user}:{password}\n"
-
-
-def password_from(passfile: Path) -> str:
-    return passfile.read_text().strip().split(":", 4)[4]
 
 
 def _check_target(home: Home) -> None:
@@ -95,10 +86,11 @@ def allowed_networks(settings: Settings) -> tuple[str, ...]:
 
 
 def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
-    su_password = secrets.token_urlsafe(32)
-    app_password = secrets.token_urlsafe(32)
-    home.write(home.superuser_passfile, passfile_line(settings.superuser, su_password))
-    home.write(home.app_passfile, passfile_line(settings.user, app_password))
+    tls.ensure_ca(home)
+    su_password = passwords.generate()
+    app_password = passwords.generate()
+    home.write(home.superuser_passfile, passwords.passfile_line(settings.superuser, su_password))
+    home.write(home.app_passfile, passwords.passfile_line(settings.user, app_password))
     pwfile = home.secrets / "initdb.pw"
     home.write(pwfile, su_password + "\n")
     try:
@@ -136,11 +128,10 @@ def temporary_server(home: Home, settings: Settings, bindir: Path) -> Iterator[S
 def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
                               app_password: str) -> None:
     with temporary_server(home, settings, bindir) as server, server.connect() as conn:
-        verifier = conn.pgconn.encrypt_password(
-            app_password.encode(), settings.user.encode(), b"scram-sha-256").decode()
         role, db = sql.Identifier(settings.user), sql.Identifier(settings.database)
-        conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole "
-                             "password {}").format(role, sql.Literal(verifier)))
+        conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole")
+                     .format(role))
+        passwords.set_password(conn, settings.user, app_password)
         conn.execute(sql.SQL("create database {} owner {}").format(db, role))
         conn.execute(sql.SQL("revoke all on database {} from public").format(db))
 
@@ -151,11 +142,11 @@ def _repair(home: Home, settings: Settings) -> None:
             raise UsageError(f"{secret} is missing: pgjob cannot reach the server without "
                              "it. Restore it from a backup of the home, or start a new home "
                              "with `pgjob init --home NEWDIR` and `pgjob restore`")
-        os.chmod(secret, 0o600)
     if not (home.data / "PG_VERSION").is_file():
         raise UsageError(f"{home.data} holds no PostgreSQL data directory (no PG_VERSION); "
                          "the home is damaged: restore the data directory from a backup")
-    os.chmod(home.data, 0o700)
+    tls.ensure_ca(home)  # homes made before TLS get their CA here
+    home.tighten()
     write_server_conf(home, settings, conf.static_params(settings.workers),
                       allowed_networks(settings))
 

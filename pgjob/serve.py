@@ -21,7 +21,7 @@ from typing import Callable
 
 import psutil
 
-from . import backup, binaries, conf, endpoint, lease, netinfo, scheduler, submit
+from . import backup, binaries, conf, endpoint, lease, netinfo, scheduler, submit, tls
 from .cluster import Server, cluster_state, log_tail, private_socket_dir
 from .endpoint import Endpoint
 from .errors import AlreadyServing, LeaseLost, PgJobError, ServerFailed
@@ -180,6 +180,8 @@ class Serve:
         """Start on the configured port, or a free one; a port taken between our probe and
         PostgreSQL's bind (two jobs starting at once) means: probe again."""
         home, settings, wanted = self.home, self.settings, self.settings.port
+        tls.ensure_ca(home)
+        ssl_params = tls.install_server_cert(home, address=self.address, node=self.job.node)
         for attempt in range(BIND_ATTEMPTS):
             port = pick_port(self.address, wanted)
             if port != settings.port:
@@ -188,7 +190,7 @@ class Serve:
             write_server_conf(home, settings, {
                 **conf.static_params(settings.workers),
                 **conf.node_params(port=port, listen=self.address, socket_dir=str(socket_dir),
-                                   memory_bytes=self.job.memory_bytes)},
+                                   memory_bytes=self.job.memory_bytes), **ssl_params},
                 allowed_networks(settings))
             self.server = Server(bindir=self.bindir, data=home.data,
                                  log=home.ensure_file(home.server_log), socket_dir=socket_dir,
@@ -218,7 +220,8 @@ class Serve:
             log.info("gave %d running trials a fresh heartbeat after the restart", refreshed)
         endpoint.publish(self.home, Endpoint(
             host=self.address, port=self.server.port, database=self.settings.database,
-            user=self.settings.user, passfile=str(self.home.app_passfile), node=self.job.node,
+            user=self.settings.user, passfile=str(self.home.app_passfile),
+            sslrootcert=str(tls.ca_paths(self.home)[0]), node=self.job.node,
             job_id=self.job.job_id, scheduler=self.job.scheduler, pid=self.server.process.pid,
             started_at=time.time(), generation=endpoint.last_generation(self.home) + 1,
             system_identifier=ident))

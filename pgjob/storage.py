@@ -120,7 +120,7 @@ def _make_storage_class():
                 try:
                     return dialect.loaded_dbapi.connect(*cargs, **{
                         **cparams, "host": found.host, "port": found.port,
-                        "passfile": str(self.pgjob_home.app_passfile)})
+                        "passfile": found.passfile, "sslrootcert": found.sslrootcert})
                 except psycopg.OperationalError:
                     return None
             conn = until(attempt, self.pgjob_wait, interval=0.2, max_interval=self.pgjob_pause)

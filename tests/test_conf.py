@@ -33,9 +33,11 @@ def _block(*networks):
 
 def test_hba_allows_only_the_app_role_from_allowed_networks_and_rejects_the_rest():
     lines = [l.split() for l in _block("10.1.0.0/16").splitlines() if not l.startswith("#")]
-    host_lines = [l for l in lines if l[0] == "host"]
-    assert ["host", "optuna", "optuna", "10.1.0.0/16", "scram-sha-256"] in host_lines
-    assert all(l[-1] == "reject" for l in host_lines if l[3] != "10.1.0.0/16")
+    host_lines = [l for l in lines if l[0].startswith("host")]
+    # the app role only over TLS; anything else over TCP is rejected
+    assert ["hostssl", "optuna", "optuna", "10.1.0.0/16", "scram-sha-256"] in host_lines
+    assert all(l[-1] == "reject" and l[0] == "host" for l in host_lines
+               if l[3] != "10.1.0.0/16")
     assert not any("trust" in l for l in lines)
     # the superuser appears only on the Unix socket
     assert [l[0] for l in lines if l[2] == "postgres"] == ["local"]

@@ -109,3 +109,82 @@ def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(smal
     assert len(trials) == 1500
     assert run_pgjob("status", "--home", str(home)).returncode == 0
     served.stop()
+
+
+OTHER = "pgjobother"  # another user of the same cluster
+
+
+def as_user(user: str, *argv: str, netns: str = "") -> subprocess.CompletedProcess:
+    """Run a command as `user` (with a clean environment), in a node's network if given."""
+    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    return subprocess.run([*prefix, "runuser", "-u", user, "--", "env", "-i",
+                           "PATH=/usr/bin:/bin", "HOME=/nonexistent", *argv],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def attacks(home: Path, host: str, port: int, netns: str = "") -> None:
+    """What another user tries, and must fail at."""
+    if subprocess.run(["id", OTHER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-s", "/bin/sh", OTHER], check=True)
+    for secret in ("secrets/app.pgpass", "secrets/superuser.pgpass", "secrets/ca.key",
+                   "endpoint.json", "pgjob.toml"):
+        done = as_user(OTHER, "cat", str(home / secret), netns=netns)
+        assert done.returncode != 0 and "Permission denied" in done.stderr, secret
+    base = f"host={host} port={port} dbname=optuna user=optuna connect_timeout=10"
+    tries = {
+        "no password": (f"{base} sslmode=require", "no password supplied"),
+        "a wrong password": (f"{base} sslmode=require password=guess", "password authentication failed"),
+        "no TLS": (f"{base} sslmode=disable password=guess", "no encryption"),
+        "the superuser": (f"host={host} port={port} dbname=postgres user=postgres "
+                          "sslmode=require password=guess", "pg_hba.conf rejects"),
+    }
+    for what, (conninfo, refusal) in tries.items():
+        done = as_user(OTHER, "psql", "-w", conninfo, "-c", "select 1", netns=netns)
+        assert done.returncode != 0 and refusal in done.stderr, (what, done.stderr)
+
+
+def test_another_user_on_this_machine_gets_nothing(reachable_dir):
+    home = reachable_dir / "home"
+    run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", check=True)
+    served = Served(home, reachable_dir / "serve.log")
+    found = served.endpoint()
+    attacks(home, found.host, found.port)
+    served.stop()
+
+
+def test_another_user_on_another_node_gets_nothing_while_the_owner_gets_in():
+    env_file = Path("/run/pgjob-testcluster/env")
+    if not env_file.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but the Slurm test cluster is not up")
+        pytest.skip("no Slurm test cluster is up (tests/cluster/up.sh)")
+    cluster = dict(l.split("=", 1) for l in env_file.read_text().split() if "=" in l)
+    owner = cluster["TEST_USER"]
+    work = Path(tempfile.mkdtemp(prefix="pgjob-sec-", dir="/var/tmp"))
+    shutil.chown(work, owner)
+    home = work / "home"
+    pgjob = str(Path(sys.executable).parent / "pgjob")
+    job = None
+    try:
+        assert as_user(owner, pgjob, "init", "--home", str(home)).returncode == 0
+        job = as_user(owner, "sbatch", "--parsable", "-w", "node1", "--mem=1G",
+                      f"--output={work}/serve-%j.out", f"--export=ALL,PGJOB={pgjob},PGJOB_RENEW=0",
+                      f"--chdir={work}", str(Path(__file__).parent.parent / "jobscripts" /
+                                             "pgjob-serve.sh"), str(home))
+        assert job.returncode == 0, job.stderr
+        url = as_user(owner, pgjob, "url", "--home", str(home), "--wait", "90",
+                      "--format", "libpq")
+        assert url.returncode == 0, url.stderr
+        attacks(home, cluster["NODE1_ADDR"], int(url.stdout.split(":")[2].split("/")[0]),
+                netns="node2")
+        mine = as_user(owner, "psql", "-w", url.stdout.strip(), "-Atc",
+                       "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+                       netns="node3")
+        assert mine.returncode == 0 and mine.stdout.strip() == "t", mine.stderr
+    finally:
+        if job is not None and job.returncode == 0:
+            job_id = job.stdout.strip()
+            subprocess.run(["scancel", job_id], timeout=30)
+            until(lambda: not subprocess.run(["squeue", "-h", "-j", job_id],
+                                             capture_output=True, text=True).stdout.strip(), 60)
+        shutil.rmtree(work, ignore_errors=True)
