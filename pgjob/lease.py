@@ -45,7 +45,7 @@ class Lease:
 
     def holder_gone(self) -> bool:
         """True when the holder ran on this node and its process is gone: no need to wait."""
-        if self.node != scheduler.current().node:
+        if self.node != scheduler.node_name():
             return False
         try:
             return psutil.Process(self.pid).create_time() != self.create_time
@@ -135,7 +135,7 @@ def acquire(home: Home, job_id: str, wait_for_expiry: float = TTL + 10) -> Lease
             raise AlreadyServing(f"another pgjob serve took this home's lease first "
                                  f"({current.describe()}); leaving the home to it")
         me = psutil.Process()
-        mine = Lease(token=secrets.token_hex(16), node=scheduler.current().node,
+        mine = Lease(token=secrets.token_hex(16), node=scheduler.node_name(),
                      job_id=job_id, pid=me.pid, create_time=me.create_time(),
                      generation=(current.generation if current else 0) + 1,
                      renewed_at=time.time())

@@ -78,17 +78,21 @@ def cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
     return None
 
 
+def node_name(env: dict[str, str] | None = None) -> str:
+    """This node's name as the scheduler knows it, else the short host name. Cheap: it is
+    what the lease and the serve record compare, in polling loops."""
+    env = os.environ if env is None else env
+    name = detect(env)
+    node_var = TABLES[name][2] if name != "none" else ""
+    return (env.get(node_var, "") if node_var else "") or socket.gethostname().split(".")[0]
+
+
 def current(env: dict[str, str] | None = None) -> Job:
     """This process's job, or a job of scheduler "none" outside any batch system."""
     env = dict(os.environ if env is None else env)
     name = detect(env)
-    node = socket.gethostname().split(".")[0]
-    job_id = ""
-    if name != "none":
-        _, id_var, node_var = TABLES[name]
-        job_id = env.get(id_var, "")
-        node = env.get(node_var, "") if node_var else node
-        node = node or socket.gethostname().split(".")[0]
+    node = node_name(env)
+    job_id = env.get(TABLES[name][1], "") if name != "none" else ""
     limits = [psutil.virtual_memory().total, cgroup_memory()]
     if name == "slurm":
         limits.append(_slurm_memory(env))

@@ -63,7 +63,7 @@ def read_record(home: Home) -> dict:
 
 def record_is_live(record: dict) -> bool:
     """True when the serve process the record names still runs on this node."""
-    if record.get("node") != scheduler.current().node:
+    if record.get("node") != scheduler.node_name():
         return False
     try:
         return psutil.Process(record["pid"]).create_time() == record["create_time"]
@@ -256,7 +256,7 @@ class Serve:
                     log.info("stopping: %s", self.stop_reason)
                     return 0
                 self._renew_lease()
-                self._check_disk()
+                self._disk_full()
                 if not self.server.alive():
                     self._restart()
                     continue
@@ -279,16 +279,19 @@ class Serve:
         except OSError as exc:  # a full or hung filesystem: the lease lasts a while yet
             self._once("lease", f"could not renew the lease in {self.home.path}: {exc}")
 
-    def _check_disk(self) -> None:
+    def _disk_full(self) -> bool:
+        """Whether the disk holding the data is full; said once when it fills, and once
+        when there is room again."""
         free = shutil.disk_usage(self.home.data).free
         if free >= DISK_FULL_BYTES:
             if "disk" in self.troubles:
                 log.info("there is room on the disk again (%d MB free)", free // 2**20)
             self.troubles.discard("disk")
-            return
+            return False
         self._once("disk", f"the disk holding {self.home.data} is full ({free // 2**20} MB "
                            "free): the server cannot store new trials, and workers wait. "
                            "Free some space there; everything carries on by itself")
+        return True
 
     def _once(self, trouble: str, message: str) -> None:
         """Log a trouble when it starts, not at every check while it lasts."""
@@ -307,13 +310,8 @@ class Serve:
     def _restart(self) -> None:
         code = self.server.process.returncode
         self._withdraw(f"server died (exit code {code}); restarting")
-        free = shutil.disk_usage(self.home.data).free
-        if free < DISK_FULL_BYTES:
-            log.error("the disk holding %s is full (%d MB free): PostgreSQL cannot run. Free "
-                      "some space there; pgjob starts the server again as soon as it can",
-                      self.home.data, free // 2**20)
-            until(lambda: self._stop_asked() or
-                  shutil.disk_usage(self.home.data).free >= DISK_FULL_BYTES, 10**9, interval=5)
+        if self._disk_full():  # not a crash to count: wait for room, then start again
+            until(lambda: self._stop_asked() or not self._disk_full(), 10**9, interval=5)
             if self.stop_reason:
                 return
         else:

@@ -52,6 +52,20 @@ def run_pgjob(*args: str, timeout: float = 120, env: dict | None = None,
 
 
 @pytest.fixture(scope="session")
+def cluster() -> dict:
+    """The Slurm test cluster's facts (tests/cluster/up.sh writes them); with CI=true a
+    missing cluster is a failure, never a skip."""
+    env_file = Path("/run/pgjob-testcluster/env")
+    if not env_file.exists():
+        reason = ("no Slurm test cluster is up (tests/cluster/up.sh needs root; `./dev test` "
+                  "as root starts it)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    return dict(line.split("=", 1) for line in env_file.read_text().split() if "=" in line)
+
+
+@pytest.fixture(scope="session")
 def template_home(tmp_path_factory) -> Path:
     """One initialized home per session; tests get copies (initdb is the slow part)."""
     path = tmp_path_factory.mktemp("template") / "home"

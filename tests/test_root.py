@@ -152,13 +152,7 @@ def test_another_user_on_this_machine_gets_nothing(reachable_dir):
     served.stop()
 
 
-def test_another_user_on_another_node_gets_nothing_while_the_owner_gets_in():
-    env_file = Path("/run/pgjob-testcluster/env")
-    if not env_file.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but the Slurm test cluster is not up")
-        pytest.skip("no Slurm test cluster is up (tests/cluster/up.sh)")
-    cluster = dict(l.split("=", 1) for l in env_file.read_text().split() if "=" in l)
+def test_another_user_on_another_node_gets_nothing_while_the_owner_gets_in(cluster):
     owner = cluster["TEST_USER"]
     work = Path(tempfile.mkdtemp(prefix="pgjob-sec-", dir="/var/tmp"))
     shutil.chown(work, owner)
