@@ -16,6 +16,7 @@ from .cluster import Server, initdb, private_socket_dir
 from .errors import UsageError
 from .home import Home, Settings, open_home
 from .proc import Account
+from .schema import ensure_optuna_schema
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
         passwords.set_password(conn, settings.user, app_password)
         conn.execute(sql.SQL("create database {} owner {}").format(db, role))
         conn.execute(sql.SQL("revoke all on database {} from public").format(db))
+        # now, not at the first serve: a study can start the moment the server is up
+        ensure_optuna_schema(server.socket_dir, server.port, settings, home.app_passfile)
 
 
 def _repair(home: Home, settings: Settings) -> None:

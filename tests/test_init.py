@@ -5,9 +5,10 @@ import stat
 
 import psycopg
 import pytest
+from pytest_postgresql import factories
 
 from conftest import Served, run_pgjob
-from pgjob import binaries
+from pgjob import binaries, schema
 from pgjob.home import open_home
 
 pytestmark = pytest.mark.pg
@@ -137,3 +138,47 @@ def test_endpoint_file_is_private_and_complete(server, home_path):
                 "generation", "system_identifier"):
         assert key in data
     assert data["state"] == "serving" and data["system_identifier"].isdigit()
+
+
+SCHEMA_FACTS = {
+    "columns": "select table_name, column_name, data_type, udt_name, is_nullable, "
+               "coalesce(column_default, '') from information_schema.columns "
+               "where table_schema = 'public'",
+    "constraints": "select conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                   "from pg_constraint where connamespace = 'public'::regnamespace",
+    "indexes": "select indexname, indexdef from pg_indexes where schemaname = 'public'",
+    "enums": "select typname, enumlabel, enumsortorder from pg_enum "
+             "join pg_type on pg_type.oid = enumtypid",
+    "versions": "select version_num from alembic_version",
+}
+
+
+def _schema_of(conn) -> dict:
+    return {name: sorted(conn.execute(query).fetchall()) for name, query in SCHEMA_FACTS.items()}
+
+
+postgresql_proc = factories.postgresql_proc(
+    executable=str(binaries.find() / "pg_ctl"), port=None)
+postgresql = factories.postgresql("postgresql_proc")
+
+
+def test_prepared_schema_is_what_optuna_makes(server, postgresql):
+    """init applies pgjob's prepared copy of Optuna's schema; it must be exactly what the
+    installed Optuna creates itself (on a plain server started by pytest-postgresql)."""
+    import optuna
+
+    info = postgresql.info
+    storage = optuna.storages.RDBStorage(
+        f"postgresql+psycopg://{info.user}@{info.host}:{info.port}/{info.dbname}")
+    storage.engine.dispose()
+    assert schema.optuna_schema_revision() == schema.PREPARED_REVISION, \
+        "Optuna's schema changed: regenerate pgjob/optuna_schema.sql (see its header)"
+    with server.endpoint().connect() as conn:
+        ours = _schema_of(conn)
+        tables_owner = conn.execute("select distinct tableowner from pg_tables "
+                                    "where schemaname = 'public'").fetchall()
+    assert ours == _schema_of(postgresql)
+    assert tables_owner == [("optuna",)]
+    study = optuna.create_study(storage=server.endpoint().sqlalchemy_url(), study_name="ok")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(study.trials) == 2
