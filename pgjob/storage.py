@@ -27,10 +27,11 @@ from .waiting import until
 
 log = logging.getLogger("pgjob.storage")
 
-# One connection per worker process, a second only briefly: for the heartbeat thread's
-# write, and for Optuna's schema check at start, which opens a second connection while
-# holding the first (with no overflow at all it deadlocks). No pre-ping (a round trip on
-# every checkout, ~5 % of a trial): a connection found dead is handled by the retry below.
+# One connection per worker process, a second only while two are needed at once: for the
+# heartbeat thread's write, n_jobs threads, and Optuna's schema check at start, which opens
+# a second connection while holding the first (with no overflow at all it deadlocks). The
+# second is kept a few seconds for reuse (see pool.py). No pre-ping (a round trip on every
+# checkout, ~5 % of a trial): a connection found dead is handled by the retry below.
 ENGINE_KWARGS = {"pool_size": 1, "max_overflow": 1, "pool_recycle": 3600, "pool_timeout": 60}
 
 # RDBStorage methods that talk to the database, and so may meet a lost connection; the
@@ -71,6 +72,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _make_storage_class():
     import optuna
+
+    from .pool import SparePool  # imports SQLAlchemy: only where a storage is made
     from optuna.trial import TrialState
 
     class PgJobStorage(optuna.storages.RDBStorage):
@@ -84,7 +87,8 @@ def _make_storage_class():
             # back with a heartbeat well before its running trial could be judged dead.
             self.pgjob_pause = min(5.0, max(0.5, grace_period / 4))
             found = endpoint.wait_connectable(home, timeout=wait)
-            super().__init__(found.sqlalchemy_url(), engine_kwargs=dict(ENGINE_KWARGS),
+            super().__init__(found.sqlalchemy_url(),
+                             engine_kwargs={**ENGINE_KWARGS, "poolclass": SparePool},
                              skip_table_creation=True)
             import sqlalchemy
 
