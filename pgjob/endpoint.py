@@ -41,6 +41,7 @@ class Endpoint:
     system_identifier: str
     state: str = SERVING
     sslrootcert: str = ""
+    pooler: str = ""  # "pgbouncer": no prepared statements across transactions
 
     def _query(self) -> str:
         return (f"passfile={quote(self.passfile)}&sslmode={SSLMODE}"

@@ -43,6 +43,7 @@ class Settings:
     grace_period: int = 120  # a RUNNING trial silent this long is failed (and retried)
     backup_interval: int = 3600  # seconds between backups while serving; 0: only at stop
     backups_keep: int = 5
+    pooler: str = ""  # "pgbouncer": clients reach the server through it (hundreds of workers)
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Settings":

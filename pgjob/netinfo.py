@@ -6,7 +6,7 @@ import socket
 
 import psutil
 
-from .errors import UsageError
+from .errors import ServerFailed, UsageError
 
 _VIRTUAL = ("docker", "virbr", "veth", "br-", "cni", "flannel", "podman")
 
@@ -56,3 +56,17 @@ def address(host: str = "", interface: str = "") -> str:
     # Container and VM bridges are rarely what other nodes reach us by.
     ranked = sorted(ifaces, key=lambda n: n.startswith(_VIRTUAL))
     return str(ifaces[ranked[0]][0].ip) if ranked else "127.0.0.1"
+
+
+def pick_port(address: str, wanted: int) -> int:
+    """`wanted` when nobody listens on it at `address`, else a port the kernel says is free."""
+    for port in (wanted, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise ServerFailed(f"no free TCP port on {address}; is that address on this node? "
+                       "Use --host or --interface to choose the address to serve on")

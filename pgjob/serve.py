@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Callable
 
 import psutil
 
-from . import backup, binaries, conf, endpoint, lease, netinfo, scheduler, submit, tls
+from . import backup, binaries, conf, endpoint, lease, netinfo, pooler, scheduler, submit, tls
 from .cluster import Server, cluster_state, log_tail, private_socket_dir
 from .endpoint import Endpoint
 from .errors import AlreadyServing, LeaseLost, PgJobError, ServerFailed
@@ -38,20 +37,6 @@ BIND_ATTEMPTS = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 WALLTIME_MARGIN = 300  # a SIGTERM this close to the job's end is the time limit, not a cancel
 DISK_FULL_BYTES = 64 * 1024 * 1024
-
-
-def pick_port(address: str, wanted: int) -> int:
-    """`wanted` when nobody listens on it at `address`, else a port the kernel says is free."""
-    for port in (wanted, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((address, port))
-            except OSError:
-                continue
-            return probe.getsockname()[1]
-    raise ServerFailed(f"no free TCP port on {address}; is that address on this node? "
-                       "Use --host or --interface to choose the address to serve on")
 
 
 def read_record(home: Home) -> dict:
@@ -137,11 +122,14 @@ class Serve:
     job_end: float | None = None
     backup_thread: threading.Thread | None = None
     troubles: set[str] = field(default_factory=set)
+    front: pooler.Pooler | None = None  # pgbouncer, when the settings ask for it
+    public_port: int = 0
 
     def run(self) -> int:
         home = self.home
         self.settings = settings = home.settings()
         self.bindir = binaries.find(settings.pg_bin)
+        self.pooler_bin = pooler.require() if pooler.wanted(settings.pooler) else None
         refuse_second_serve(home)
         self.job = job = scheduler.current()
         self._install_signals()
@@ -156,8 +144,9 @@ class Serve:
             self._start_on_a_free_port(socket_dir)
             ensure_optuna_schema(socket_dir, self.server.port, settings, home.app_passfile)
             self._publish()
-            log.info("serving %s at %s:%d (node %s, job %s)", home.path, self.address,
-                     self.server.port, job.node, job.job_id or "-")
+            log.info("serving %s at %s:%d (node %s, job %s%s)", home.path, self.address,
+                     self.public_port or self.server.port, job.node, job.job_id or "-",
+                     ", through pgbouncer" if self.front else "")
             self._start_chain()
             return self._keep_alive(socket_dir)
         except LeaseLost:
@@ -182,8 +171,11 @@ class Serve:
         home, settings, wanted = self.home, self.settings, self.settings.port
         tls.ensure_ca(home)
         ssl_params = tls.install_server_cert(home, address=self.address, node=self.job.node)
+        if self.pooler_bin is not None:
+            self._start_behind_pooler(socket_dir, ssl_params)
+            return
         for attempt in range(BIND_ATTEMPTS):
-            port = pick_port(self.address, wanted)
+            port = netinfo.pick_port(self.address, wanted)
             if port != settings.port:
                 log.warning("port %d is taken on %s; serving on %d instead", settings.port,
                             self.address, port)
@@ -204,6 +196,61 @@ class Serve:
                     raise
                 wanted = 0  # let the kernel choose
 
+    def _start_behind_pooler(self, socket_dir: Path, ssl_params: dict) -> None:
+        """PostgreSQL on its private socket only; pgbouncer on the published address."""
+        home, settings = self.home, self.settings
+        write_server_conf(home, settings, {
+            **conf.static_params(settings.workers),
+            **conf.node_params(port=settings.port, listen="", socket_dir=str(socket_dir),
+                               memory_bytes=self.job.memory_bytes), **ssl_params},
+            allowed_networks(settings))
+        self.server = Server(bindir=self.bindir, data=home.data,
+                             log=home.ensure_file(home.server_log), socket_dir=socket_dir,
+                             port=settings.port, superuser=settings.superuser,
+                             passfile=home.superuser_passfile, account=home.owner)
+        self.server.start()
+        self.front = pooler.Pooler(binary=self.pooler_bin, workdir=socket_dir,
+                                   log=home.ensure_file(home.logs / "pgbouncer.log"),
+                                   account=home.owner)
+        self._launch_pooler(settings.port)
+
+    def _launch_pooler(self, wanted_port: int) -> None:
+        home, settings, front = self.home, self.settings, self.front
+
+        def write_files(port: int) -> None:
+            front.write("pgbouncer.ini", pooler.render_ini(
+                listen=self.address, port=port, pg_socket_dir=front.workdir,
+                pg_port=self.server.port, database=settings.database, workdir=front.workdir,
+                cert=home.data / "server.crt", key=home.data / "server.key",
+                max_clients=2 * settings.workers + 10))
+            front.write("hba.conf", pooler.render_hba(settings.database, settings.user,
+                                                      allowed_networks(settings)))
+            self._write_userlist()
+        self.public_port = pooler.launch(front, address=self.address,
+                                         wanted_port=wanted_port, write_files=write_files)
+
+    def _write_userlist(self) -> None:
+        passfile, user = self.home.app_passfile, self.settings.user
+        self.passfile_mtime = passfile.stat().st_mtime
+        self.front.write("userlist.txt", pooler.render_userlist(
+            user, pooler.password_from(passfile, user)))
+
+    def _check_pooler(self) -> None:
+        """Restart pgbouncer if it died; give it the new password after a rotation."""
+        if self.front is None:
+            return
+        if not self.front.alive():
+            log.warning("pgbouncer exited (code %s); restarting it (see %s)",
+                        self.front.process.returncode, self.front.log)
+            port = self.public_port
+            self._launch_pooler(port)
+            if self.public_port != port:
+                self._publish()
+        elif self.home.app_passfile.stat().st_mtime != self.passfile_mtime:
+            self._write_userlist()
+            self.front.reload()
+            log.info("pgbouncer reloaded with the rotated password")
+
     def _install_signals(self) -> None:
         def handler(signum, _frame):
             self.stop_reason = self.stop_reason or signal.Signals(signum).name
@@ -219,7 +266,8 @@ class Serve:
         if refreshed:
             log.info("gave %d running trials a fresh heartbeat after the restart", refreshed)
         endpoint.publish(self.home, Endpoint(
-            host=self.address, port=self.server.port, database=self.settings.database,
+            host=self.address, port=self.public_port or self.server.port,
+            pooler="pgbouncer" if self.front else "", database=self.settings.database,
             user=self.settings.user, passfile=str(self.home.app_passfile),
             sslrootcert=str(tls.ca_paths(self.home)[0]), node=self.job.node,
             job_id=self.job.job_id, scheduler=self.job.scheduler, pid=self.server.process.pid,
@@ -257,6 +305,7 @@ class Serve:
                     return 0
                 self._renew_lease()
                 self._disk_full()
+                self._check_pooler()
                 if not self.server.alive():
                     self._restart()
                     continue
@@ -352,6 +401,8 @@ class Serve:
     def _shutdown(self) -> None:
         """Withdraw first, so no worker is sent here; a last backup; checkpoint; stop."""
         server = self.server
+        if self.front is not None:
+            self.front.stop()  # first: no client can reach the server through it any more
         if self.lease_lost:
             # Another server owns the home now: stop writing at once and touch nothing.
             if server is not None:

@@ -65,6 +65,12 @@ def is_connection_loss(exc: BaseException) -> bool:
     return False
 
 
+def _prepare(found: endpoint.Endpoint) -> dict:
+    """pgbouncer (transaction pooling) cannot keep a prepared statement from one transaction
+    to the next, so behind it psycopg must prepare none; otherwise psycopg's default."""
+    return {"prepare_threshold": None if found.pooler else 5}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -88,7 +94,8 @@ def _make_storage_class():
             self.pgjob_pause = min(5.0, max(0.5, grace_period / 4))
             found = endpoint.wait_connectable(home, timeout=wait)
             super().__init__(found.sqlalchemy_url(),
-                             engine_kwargs={**ENGINE_KWARGS, "poolclass": SparePool},
+                             engine_kwargs={**ENGINE_KWARGS, "poolclass": SparePool,
+                                            "connect_args": _prepare(found)},
                              skip_table_creation=True)
             import sqlalchemy
 
@@ -124,7 +131,8 @@ def _make_storage_class():
                 try:
                     return dialect.loaded_dbapi.connect(*cargs, **{
                         **cparams, "host": found.host, "port": found.port,
-                        "passfile": found.passfile, "sslrootcert": found.sslrootcert})
+                        "passfile": found.passfile, "sslrootcert": found.sslrootcert,
+                        **_prepare(found)})
                 except psycopg.OperationalError:
                     return None
             conn = until(attempt, self.pgjob_wait, interval=0.2, max_interval=self.pgjob_pause)

@@ -1,0 +1,175 @@
+"""pgbouncer in front of the server, for studies with hundreds of worker processes.
+
+With `pooler = "pgbouncer"` in pgjob.toml (or PGJOB_POOLER), serve starts pgbouncer on the
+published address and port, and PostgreSQL listens on its private Unix socket only.
+pgbouncer takes the clients' TLS (the same certificate), checks them against the same
+networks and SCRAM password as pg_hba would, and shares a few server connections among
+them in transaction mode. Its files live in serve's node-local private directory, never
+on the shared filesystem, because its user list holds the password.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import netinfo, proc
+from .cluster import log_tail
+from .errors import ServerFailed, UsageError
+from .proc import Account
+from .waiting import until
+
+KINDS = ("", "none", "pgbouncer")
+SEARCH = ("/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer", "/usr/local/bin/pgbouncer")
+SERVER_POOL = 20  # server connections per database/user pair: enough for 2 cores' worth
+
+
+def wanted(kind: str) -> bool:
+    if kind not in KINDS:
+        raise UsageError(f"setting pooler = {kind!r} is not known; use \"pgbouncer\" or leave "
+                         "it empty (in pgjob.toml or PGJOB_POOLER)")
+    return kind == "pgbouncer"
+
+
+def find() -> Path | None:
+    found = shutil.which("pgbouncer") or next(
+        (p for p in SEARCH if Path(p).is_file()), None)
+    return Path(found) if found else None
+
+
+def require() -> Path:
+    found = find()
+    if found is None:
+        raise UsageError("pooler = \"pgbouncer\" is set, but no pgbouncer was found (looked "
+                         f"on PATH and in {', '.join(SEARCH)}). Install it (apt-get install "
+                         "pgbouncer, or conda install -c conda-forge pgbouncer), or remove "
+                         "the setting from pgjob.toml / PGJOB_POOLER")
+    return found
+
+
+def password_from(passfile: Path, user: str) -> str:
+    """The user's password from a pgpass file that pgjob wrote (*:*:*:user:password)."""
+    for line in passfile.read_text().splitlines():
+        parts = line.split(":", 4)
+        if len(parts) == 5 and parts[3] == user:
+            return parts[4]
+    raise UsageError(f"{passfile} has no password for {user}; run `pgjob init` to repair "
+                     "the home")
+
+
+def _quote_ini(text: str) -> str:
+    if any(c in text for c in " ;=\n"):
+        raise UsageError(f"{text!r} cannot go into pgbouncer's settings; use a path without "
+                         "spaces, ';' or '='")
+    return text
+
+
+def render_ini(*, listen: str, port: int, pg_socket_dir: Path, pg_port: int, database: str,
+               workdir: Path, cert: Path, key: Path, max_clients: int) -> str:
+    """pgbouncer.ini: TLS required, the hba file decides who may connect, transaction
+    pooling onto PostgreSQL's Unix socket."""
+    lines = {
+        "listen_addr": listen, "listen_port": port, "unix_socket_dir": "",
+        "auth_type": "hba", "auth_hba_file": workdir / "hba.conf",
+        "auth_file": workdir / "userlist.txt",
+        "client_tls_sslmode": "require", "client_tls_cert_file": cert,
+        "client_tls_key_file": key, "client_tls_protocols": "secure",
+        "pool_mode": "transaction", "default_pool_size": SERVER_POOL,
+        "max_client_conn": max_clients, "ignore_startup_parameters": "extra_float_digits",
+        "pidfile": workdir / "pgbouncer.pid", "logfile": "", "syslog": 0,
+        "log_connections": 0, "log_disconnections": 0,
+    }
+    body = "".join(f"{k} = {_quote_ini(str(v))}\n" for k, v in lines.items())
+    return (f"[databases]\n{database} = host={pg_socket_dir} port={pg_port} "
+            f"dbname={database}\n\n[pgbouncer]\n{body}")
+
+
+def render_hba(database: str, user: str, networks: tuple[str, ...]) -> str:
+    rows = [f"hostssl {database} {user} {net} scram-sha-256\n" for net in networks]
+    return "".join(rows) + "host all all 0.0.0.0/0 reject\nhost all all ::/0 reject\n"
+
+
+def render_userlist(user: str, password: str) -> str:
+    return f'"{user}" "{password}"\n'
+
+
+@dataclass
+class Pooler:
+    """One pgbouncer that serve started and owns."""
+
+    binary: Path
+    workdir: Path
+    log: Path
+    account: Account | None = None
+    process: object = None
+
+    def write(self, name: str, text: str) -> None:
+        path = self.workdir / name
+        before = int(path.stat().st_mtime) if path.exists() else 0
+        path.write_text(text)
+        path.chmod(0o600)
+        # pgbouncer re-reads a file on SIGHUP only if its mtime, in whole seconds, or its
+        # size changed: a rotated password has the same length, maybe the same second.
+        stamp = max(int(time.time()), before + 1)
+        os.utime(path, (stamp, stamp))
+        if self.account is not None:
+            os.chown(path, self.account.uid, self.account.gid)
+
+    def start(self) -> None:
+        with open(self.log, "a") as out:
+            self.process = proc.spawn([self.binary, self.workdir / "pgbouncer.ini"],
+                                      output=out, account=self.account)
+
+    def listening(self, address: str, port: int, timeout: float = 15) -> bool:
+        """Wait until pgbouncer accepts connections; False when it exits first."""
+        import socket
+
+        def ready():
+            if not self.alive():
+                return True
+            try:
+                socket.create_connection((address, port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        return bool(until(ready, timeout, interval=0.02)) and self.alive()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def failed(self, what: str) -> ServerFailed:
+        return ServerFailed(f"pgbouncer {what}; see {self.log}",
+                            detail="pgbouncer log (last lines):\n" + log_tail(self.log))
+
+    def reload(self) -> None:
+        """Re-read the user list (after `pgjob rotate-password`)."""
+        if self.alive():
+            self.process.send_signal(signal.SIGHUP)
+
+    def stop(self, timeout: float = 10) -> None:
+        if not self.alive():
+            return
+        self.process.send_signal(signal.SIGTERM)  # immediate: serve stops clients anyway
+        try:
+            self.process.wait(timeout)
+        except Exception:
+            self.process.kill()
+            self.process.wait()
+
+
+def launch(pool: Pooler, *, address: str, wanted_port: int, write_files) -> int:
+    """Start pgbouncer on `wanted_port`, or on a free port when that one is taken (another
+    job may bind it between our probe and pgbouncer's); returns the port it listens on.
+    `write_files(port)` writes its settings for that port."""
+    for attempt in range(3):
+        port = netinfo.pick_port(address, wanted_port)
+        write_files(port)
+        pool.start()
+        if pool.listening(address, port):
+            return port
+        pool.stop()
+        wanted_port = 0
+    raise pool.failed(f"did not start listening on {address}")
