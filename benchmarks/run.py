@@ -1,45 +1,85 @@
-"""Run every pgjob benchmark: `python benchmarks/run.py [--quick] [--out FILE]`.
+"""Run every pgjob benchmark and write the report: `python benchmarks/run.py [--quick] [--out DIR]`.
 
---quick is a smoke run (a few repeats) that CI uses to keep the benchmarks working; the
-numbers it prints are not meant to be compared. Results go to stdout and, as JSON, to --out.
+A full run writes docs/performance.md, docs/performance.json and the plots (about 20 minutes
+here). --quick is a smoke run (tiny sizes) that CI uses to keep the benchmarks working; it
+writes into a scratch directory unless --out is given, and its numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
+import importlib.metadata
+import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
+import cold_start  # noqa: E402
+import common  # noqa: E402
+import connections  # noqa: E402
+import report  # noqa: E402
 import resilience  # noqa: E402
-import serve_start  # noqa: E402
+import scale  # noqa: E402
+import server_settings  # noqa: E402
+import throughput  # noqa: E402
+from pgjob import binaries, pooler  # noqa: E402
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True,
+                              timeout=10).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "not found"
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    os_name = next((line.split("=", 1)[1].strip('"') for line in
+                    Path("/etc/os-release").read_text().splitlines()
+                    if line.startswith("PRETTY_NAME=")), platform.system())
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {name: importlib.metadata.version(name)
+                for name in ("pgjob", "optuna", "SQLAlchemy", "psycopg")}
+    found = pooler.find()
+    return {"date": datetime.date.today().isoformat(), "CPU": f"{os.cpu_count()} x {cpu}",
+            "memory": f"{mem_gib:.0f} GiB", "OS": f"{os_name}, Linux {platform.release()}",
+            "Python": platform.python_version(),
+            "PostgreSQL": _first_line([str(binaries.find() / "postgres"), "--version"]),
+            "pgbouncer": _first_line([str(found), "--version"]) if found else "not installed",
+            **versions}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Run pgjob's benchmarks.")
-    parser.add_argument("--quick", action="store_true", help="smoke run with few repeats")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser = argparse.ArgumentParser(description="Run pgjob's benchmarks, write the report.")
+    parser.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
+    parser.add_argument("--out", type=Path, help="directory for performance.md/.json and "
+                        "the plots (default: docs/, or a scratch directory with --quick)")
     args = parser.parse_args(argv)
-    repeats = 2 if args.quick else 10
-    results = {"machine": {"python": platform.python_version(), "platform": platform.platform()},
-               "quick": args.quick,
-               "serve_start": serve_start.measure(repeats)}
-    r = results["serve_start"]
-    print(f"serve start: pgjob serve {r['pgjob_serve_s'] * 1000:.0f} ms, pg_ctl start -w "
-          f"{r['pg_ctl_start_s'] * 1000:.0f} ms, ratio {r['ratio']} (target <= "
-          f"{r['target_ratio']}, {'met' if r['met'] else 'NOT met'}; median of {r['repeats']})")
-    results["resilience"] = resilience.measure(args.quick)
-    rec, thr = results["resilience"]["recovery"], results["resilience"]["throughput"]
-    print(f"recovery: new server published {rec['restart_s']} s after the old one was killed; "
-          f"workers progressing after {rec['recovery_s']} s ({rec['target']}: "
-          f"{'met' if rec['met'] else 'NOT met'})")
-    print(f"throughput ({thr['workers']} workers): pgjob storage {thr['pgjob_trials_per_s']} "
-          f"trials/s, plain RDBStorage {thr['plain_trials_per_s']} trials/s, ratio "
-          f"{thr['ratio']} (target >= {thr['target_ratio']}, {'met' if thr['met'] else 'NOT met'})")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="pgjob-bench-report-")) if args.quick
+                       else HERE.parent / "docs")
+    results = {"quick": args.quick, "machine": machine()}
+    try:
+        for name, module in (("cold_start", cold_start), ("throughput", throughput),
+                             ("connections", connections),
+                             ("server_settings", server_settings), ("recovery", resilience)):
+            print(f"bench: {name} ...", flush=True)
+            results[name] = module.measure(args.quick)
+        print("bench: scale ...", flush=True)
+        results["scale"] = scale.measure(args.quick, pooler=pooler.find() is not None)
+        page = report.write(results, out)
+    finally:
+        shutil.rmtree(common.ROOT, ignore_errors=True)
+    print(report.targets_table(results))
+    print(f"bench: report written to {page}")
     return 0
 
 

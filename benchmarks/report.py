@@ -1,0 +1,211 @@
+"""Turn one run's results into docs/performance.md (tables), performance.json and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FINDINGS = HERE / "findings.md"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(p: dict) -> str:
+    return f"{p['p50']:.1f} / {p['p95']:.1f} / {p['p99']:.1f}"
+
+
+def _yes(flag: bool) -> str:
+    return "met" if flag else "**not met**"
+
+
+def machine_table(machine: dict) -> str:
+    return _table(["", ""], [[k, v] for k, v in machine.items()])
+
+
+def targets_table(results: dict) -> str:
+    rows = []
+    for section in ("cold_start", "throughput", "connections"):
+        for name, met in results[section]["targets"].items():
+            rows.append([section.replace("_", " "), name, _yes(met)])
+    for mode, r in results["scale"]["modes"].items():
+        rows.append(["scale", f"{r['workers']} workers ({mode}): "
+                     f"{results['scale']['target']}", _yes(r["met"])])
+    rec = results["recovery"]
+    rows.append(["recovery", rec["target"], _yes(rec["met"])])
+    return _table(["part", "target", "this run"], rows)
+
+
+def cold_tables(r: dict) -> str:
+    c, b, w, i = r["cold_pgjob"], r["cold_bare"], r["restart"], r["initdb"]
+    cold = _table(["", "steps (s)", "total (s)"], [
+        ["pgjob", f"init {c['init_s']}, first serve {c['first_serve_s']}", c["total_s"]],
+        ["bare steps", f"initdb {b['initdb_s']}, pg_ctl start {b['pg_ctl_start_s']}, "
+                       f"createdb {b['createdb_s']}, Optuna schema {b['optuna_schema_s']}",
+         b["total_s"]]])
+    warm = _table(["restart on an existing home", "seconds to first query"], [
+        ["pgjob serve", w["pgjob_serve_s"]], ["pg_ctl start -w", w["pg_ctl_start_s"]],
+        ["ratio", w["ratio"]]])
+    sync = _table(["initdb", "seconds"], [["with sync (pgjob's choice)", i["initdb_sync_s"]],
+                                         ["--no-sync", i["initdb_no_sync_s"]]])
+    return f"{cold}\n{warm}\n{sync}"
+
+
+def throughput_tables(r: dict) -> str:
+    out = []
+    rows = [x for x in r["rows"] if x["backend"] != "ratio"]
+    counts = sorted({x["workers"] for x in rows})
+    for sampler in ("random", "tpe"):
+        mine = [x for x in rows if x["sampler"] == sampler]
+        labels = list(dict.fromkeys(x["label"] for x in mine))
+        table = []
+        for label in labels:
+            cells = {x["workers"]: x for x in mine if x["label"] == label}
+            table.append([label] + [f"{cells[n]['trials_per_s']}" for n in counts])
+        ratios = {x["workers"]: x["pgjob_vs_plain"] for x in r["rows"]
+                  if x["backend"] == "ratio" and x["sampler"] == sampler}
+        table.append(["*pgjob / plain, same server*"] + [f"*{ratios[n]}*" for n in counts])
+        name = "RandomSampler" if sampler == "random" else "TPESampler"
+        out.append(f"**{name}, trials/s** (workers across):\n\n"
+                   + _table(["storage"] + [f"{n}" for n in counts], table))
+        lat = [[label] + [_pct(next(x for x in mine if x["label"] == label
+                                    and x["workers"] == n)["latency_ms"]) for n in counts]
+               for label in labels]
+        out.append(f"**{name}, per-trial latency in ms, p50 / p95 / p99:**\n\n"
+                   + _table(["storage"] + [f"{n}" for n in counts], lat))
+    return "\n".join(out)
+
+
+def connections_table(r: dict) -> str:
+    return _table(["storage", "threads per process", "peak (max / mean)", "idle (max / mean)"],
+                  [[x["backend"], x["threads"], f"{x['peak_max']} / {x['peak_mean']}",
+                    f"{x['idle_max']} / {x['idle_mean']}"] for x in r["rows"]])
+
+
+def scale_table(r: dict) -> str:
+    rows = []
+    for mode, x in r["modes"].items():
+        mem = x["server_memory"] or {}
+        rows.append([mode, f"{x['connected']} / {x['workers']}", x["connect_all_s"],
+                     x["trials"], x["errors"], _pct(x["latency_ms"]),
+                     mem.get("pss_mb", "?"), mem.get("processes", "?")])
+    return _table(["mode", "connected", "connecting all (s)", "trials", "errors",
+                   "trial storage work ms p50 / p95 / p99", "server memory PSS (MB)",
+                   "server processes"], rows)
+
+
+def settings_table(r: dict) -> str:
+    return _table(["server settings", "changed from defaults", "trials/s",
+                   "latency ms p50 / p95 / p99"],
+                  [[x["settings"], ", ".join(f"{k}={v}" for k, v in x["changed"].items())
+                    or "-", x["trials_per_s"], _pct(x["latency_ms"])] for x in r["rows"]])
+
+
+def recovery_table(r: dict) -> str:
+    return _table(["", "seconds after the kill"], [
+        ["new server published (restart)", r["restart_s"]],
+        ["workers completing trials again", r["recovery_s"]]])
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [x for x in results["throughput"]["rows"] if x["backend"] != "ratio"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
+    for ax, sampler in zip(axes, ("random", "tpe")):
+        mine = [x for x in rows if x["sampler"] == sampler]
+        for label in dict.fromkeys(x["label"] for x in mine):
+            pts = sorted((x["workers"], x["trials_per_s"]) for x in mine if x["label"] == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([p for p in sorted({x["workers"] for x in mine})])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("worker processes")
+        ax.set_ylabel("trials/s (log)")
+        ax.set_title("RandomSampler" if sampler == "random" else "TPESampler")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    names = ["performance-throughput.png"]
+    fig.savefig(out / names[0], dpi=110)
+    plt.close(fig)
+
+    modes = results["scale"]["modes"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (mode, x) in enumerate(modes.items()):
+        vals = [x["latency_ms"][p] for p in ("p50", "p95", "p99")]
+        ax.bar([j + i * 0.35 for j in range(3)], vals, width=0.35, label=mode)
+    ax.axhline(50, color="red", linestyle="--", linewidth=1, label="p95 target")
+    ax.set_xticks([j + 0.17 for j in range(3)], ["p50", "p95", "p99"])
+    ax.set_ylabel("ms per trial's storage work")
+    ax.set_title(f"{next(iter(modes.values()))['workers']} simulated workers")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    names.append("performance-scale.png")
+    fig.savefig(out / names[1], dpi=110)
+    plt.close(fig)
+    return names
+
+
+def write(results: dict, out: Path) -> Path:
+    """performance.json, the plots and performance.md, all into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "performance.json").write_text(json.dumps(results, indent=2) + "\n")
+    images = plot(results, out)
+    findings = FINDINGS.read_text() if FINDINGS.exists() else ""
+    quick = "\n**This is a quick smoke run: its numbers mean nothing.**\n" \
+        if results["quick"] else ""
+    md = f"""# Performance
+
+Every table below comes from one run of `./dev bench` (or `python benchmarks/run.py`) on the
+machine described here; `performance.json` next to this page holds the same numbers. The
+page is written by `benchmarks/report.py`; only the findings section is written by hand
+(`benchmarks/findings.md`), and it must agree with the tables.
+{quick}
+## The machine and versions
+
+{machine_table(results["machine"])}
+## Targets
+
+{targets_table(results)}
+{findings}
+## 1. Cold start
+
+{cold_tables(results["cold_start"])}
+## 2. Trial throughput
+
+{results["throughput"]["trials_per_worker"]["random"]} (RandomSampler) and
+{results["throughput"]["trials_per_worker"]["tpe"]} (TPESampler) trials per worker process, objective `x**2 + y**2` over two floats; the median of
+{results["throughput"]["rounds"]} alternating rounds for pgjob and plain on the same
+server. Latency is the time from one trial's end to the next one's end in a worker: the
+sampler plus the storage, the objective costs nothing.
+
+![trials per second](./{images[0]})
+
+{throughput_tables(results["throughput"])}
+## 3. Connections per worker process
+
+{connections_table(results["connections"])}
+## 4. A thousand workers
+
+Each simulated worker does one trial's storage work every {results["scale"]["period_s"]:.0f} s
+for {results["scale"]["duration_s"]:.0f} s (see `benchmarks/scale.py` for the statements).
+
+![latency at scale](./{images[1]})
+
+{scale_table(results["scale"])}
+## 5. Server settings
+
+{settings_table(results["server_settings"])}
+## Recovery from a killed server
+
+{recovery_table(results["recovery"])}"""
+    page = out / "performance.md"
+    page.write_text(md)
+    return page
