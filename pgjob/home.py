@@ -43,6 +43,9 @@ class Settings:
     grace_period: int = 120  # a RUNNING trial silent this long is failed (and retried)
     backup_interval: int = 3600  # seconds between backups while serving; 0: only at stop
     backups_keep: int = 5
+    # Where the scheduler sends no signal before the time limit (PBS), serve stops itself
+    # this many seconds before the job's end.
+    stop_margin: int = 300
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Settings":
