@@ -1,7 +1,7 @@
 """IBM Spectrum LSF: what `bjobs` says about a job, and its successor's bsub.
 
 An LSF job's environment names the job (LSB_JOBID), its hosts (LSB_HOSTS), queue
-(LSB_QUEUE), name (LSB_JOBNAME) and output file (LSB_OUTPUTFILE), but not its end:
+(LSB_QUEUE) and name (LSB_JOBNAME), but not its end:
 `bjobs -o` prints the time left. LSF reads a script's #BSUB lines only when the script
 comes on bsub's standard input, so the successor's script is given there.
 """
@@ -63,15 +63,13 @@ def job_id_from(output: str) -> str:
     return found.group(1)
 
 
-def successor_argv(job_id: str, env: dict[str, str] | None = None) -> list[str]:
+def successor_argv(job_id: str, logs: Path, env: dict[str, str] | None = None) -> list[str]:
     """bsub (script on its standard input) for the job that takes over from `job_id` once
-    it has ended, in the same queue, with the same name and output folder."""
+    it has ended, in the same queue, with the same name, logging into `logs`."""
     env = os.environ if env is None else env
-    argv = ["bsub", "-w", f"ended({job_id})"]
+    argv = ["bsub", "-w", f"ended({job_id})", "-o", f"{logs}/serve-%J.out"]
     if env.get("LSB_QUEUE"):
         argv += ["-q", env["LSB_QUEUE"]]
     if env.get("LSB_JOBNAME"):
         argv += ["-J", env["LSB_JOBNAME"]]
-    if env.get("LSB_OUTPUTFILE"):
-        argv += ["-o", str(Path(env["LSB_OUTPUTFILE"]).parent / "pgjob-serve-%J.out")]
     return argv

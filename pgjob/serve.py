@@ -248,7 +248,13 @@ class Serve:
         so the last backup and a clean shutdown happen before the scheduler kills the job.
         A job shorter than the margin keeps half its time (no chain of jobs that stop at
         once)."""
-        if self.job_end is None or self.job.warned_before_end:
+        if self.job.warned_before_end:
+            return
+        if self.job_end is None:
+            log.warning("%s gave no end time for job %s, and sends no signal before the "
+                        "time limit: serving without a self-scheduled stop, so the job may "
+                        "be killed at its walltime (check `qstat -f %s`)",
+                        self.job.scheduler.upper(), self.job.job_id, self.job.job_id)
             return
         left = self.job_end - time.time()
         margin = min(self.settings.stop_margin, left / 2)

@@ -139,7 +139,7 @@ def submit_successor(home: Home, job_id: str, scheduler: str = "slurm") -> str:
     elif scheduler == "lsf":
         script = job_script("lsf")
         new = lsf.job_id_from(proc.run(
-            lsf.successor_argv(job_id), timeout=60, what="bsub refused the next serve job",
+            lsf.successor_argv(job_id, home.logs), timeout=60, what="bsub refused the next serve job",
             stdin_text=script.read_text(), env={**os.environ, **exports(home, script)}))
     else:
         new = _slurm_successor(home, job_id)
