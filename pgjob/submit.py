@@ -69,7 +69,7 @@ def exports(home: Home, script: Path) -> dict[str, str]:
 
 
 def qsub_argv(home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
-    # -o to a folder: PBS names the log JOBNAME.oJOBID in it. -V passes this environment
+    # -o to a folder: PBS Pro names the log JOBID.OU in it. -V passes this environment
     # on (PATH to pgjob), as sbatch does by itself.
     variables = ",".join(f"{k}={v}" for k, v in exports(home, script).items())
     return ["qsub", "-V", "-v", variables, "-j", "oe", "-o", f"{home.logs}/", *extra,
