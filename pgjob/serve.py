@@ -246,8 +246,8 @@ class Serve:
     def _schedule_own_stop(self) -> None:
         """Where no signal comes before the time limit (PBS), stop a margin before the end,
         so the last backup and a clean shutdown happen before the scheduler kills the job.
-        A job shorter than the margin keeps half its time (no chain of jobs that stop at
-        once)."""
+        A job with less than twice the margin left serves half of it (a chain of short jobs
+        must not stop as soon as each starts)."""
         if self.job.warned_before_end:
             return
         if self.job_end is None:

@@ -77,8 +77,7 @@ def qsub_argv(home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
 
 
 def bsub_argv(home: Home, extra: tuple[str, ...]) -> list[str]:
-    # The script goes on standard input (LSF reads #BSUB lines only there); LSF passes the
-    # submitting environment, with `exports`, on to the job.
+    # The script goes on standard input (see _bsub).
     return ["bsub", "-o", f"{home.logs}/serve-%J.out", *extra]
 
 
@@ -94,9 +93,7 @@ def submit(home: Home, extra: tuple[str, ...], scheduler: str = "") -> str:
         out = proc.run(qsub_argv(home, extra, script), timeout=60, what=what)
         job_id = out.strip().splitlines()[-1]
     else:
-        job_id = lsf.job_id_from(proc.run(
-            bsub_argv(home, extra), timeout=60, what=what, stdin_text=script.read_text(),
-            env={**os.environ, **exports(home, script)}))
+        job_id = _bsub(bsub_argv(home, extra), home, script, what)
     home.write(home.submitted,
                json.dumps({"job_id": job_id, "scheduler": name,
                            "submitted_at": time.time()}) + "\n")
@@ -137,15 +134,21 @@ def submit_successor(home: Home, job_id: str, scheduler: str = "slurm") -> str:
     if scheduler == "pbs":
         new = _pbs_successor(home, job_id)
     elif scheduler == "lsf":
-        script = job_script("lsf")
-        new = lsf.job_id_from(proc.run(
-            lsf.successor_argv(job_id, home.logs), timeout=60, what="bsub refused the next serve job",
-            stdin_text=script.read_text(), env={**os.environ, **exports(home, script)}))
+        new = _bsub(lsf.successor_argv(job_id, home.logs), home, job_script("lsf"),
+                    "bsub refused the next serve job")
     else:
         new = _slurm_successor(home, job_id)
     home.write(home.successor, json.dumps({"job_id": new, "after": job_id,
                                            "scheduler": scheduler}) + "\n")
     return new
+
+
+def _bsub(argv: list[str], home: Home, script: Path, what: str) -> str:
+    """Submit `script` with bsub on its standard input; LSF passes the environment, with
+    `exports`, on to the job. Returns the new job's id."""
+    return lsf.job_id_from(proc.run(argv, timeout=60, what=what,
+                                    stdin_text=script.read_text(),
+                                    env={**os.environ, **exports(home, script)}))
 
 
 def _pbs_successor(home: Home, job_id: str) -> str:

@@ -20,7 +20,6 @@ import pytest
 from conftest import Served, run_pgjob
 from pgjob import endpoint, lsf, pbs, scheduler, submit
 from pgjob.home import Home, Settings, open_home
-from pgjob.waiting import until
 
 MB = 1024 * 1024
 STANDIN = """#!{python}
