@@ -240,3 +240,14 @@ def test_serve_under_pbs_stops_itself_before_the_walltime_and_leaves_a_successor
     assert qsub[-1].endswith("pgjob-serve.pbs")
     assert not standins.calls("qdel")  # the chain goes on
     assert json.loads(open_home(home_path).successor.read_text())["job_id"] == "1235.pbs1"
+
+
+def test_status_shows_a_submitted_pbs_job_waiting_in_the_queue(standins, tmp_path):
+    standins.add("qsub", "1234.pbs1\n")
+    standins.add("qstat", qstat_f("1234.pbs1", time.time(), state="Q"))
+    home = bare_home(tmp_path / "home")
+    run_pgjob("submit", "--home", str(home.path), "--scheduler", "pbs", check=True)
+    status = run_pgjob("status", "--home", str(home.path), "--json")
+    facts = json.loads(status.stdout)
+    assert status.returncode == 2  # nothing published yet
+    assert (facts["job_id"], facts["job_state"]) == ("1234.pbs1", "PENDING")
