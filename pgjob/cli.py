@@ -66,7 +66,7 @@ def init(home, **options) -> None:
 @click.option("--run-as", default="", help="As root: the account PostgreSQL runs as.")
 @click.option("--health-interval", default=5.0, show_default=True, help="Seconds between health checks.")
 @click.option("--renew/--no-renew", default=False, show_default=True,
-              help="Under Slurm: queue the next serve job, which takes over when this one ends.")
+              help="Under Slurm, PBS or LSF: queue the next serve job, which takes over when this one ends.")
 def serve(home, **options) -> None:
     """Run the server in the foreground until stopped (the body of a batch job)."""
     from .serve import serve as do_serve
@@ -161,15 +161,19 @@ def restore(dump_file, home, **options) -> None:
 @main.command(context_settings={"ignore_unknown_options": True,
                                 "allow_interspersed_args": False})
 @home_option
-@click.argument("sbatch_options", nargs=-1, type=click.UNPROCESSED)
-def submit(home, sbatch_options) -> None:
-    """Submit the serve job script with sbatch for this home; print the job id.
+@click.option("--scheduler", type=click.Choice(["slurm", "pbs", "lsf"]),
+              help="Submit with sbatch, qsub or bsub (default: the first of them on PATH).")
+@click.argument("submit_options", nargs=-1, type=click.UNPROCESSED)
+def submit(home, scheduler, submit_options) -> None:
+    """Submit the serve job script for this home (sbatch, qsub or bsub); print the job id.
 
-    Options after the home go to sbatch as they are, e.g. `pgjob submit --time=8:00:00`.
+    Options after the home go to the submit command as they are, e.g.
+    `pgjob submit --time=8:00:00` (Slurm) or `pgjob submit -l walltime=8:00:00` (PBS).
     """
     from .submit import submit as do_submit
 
-    click.echo(do_submit(open_home(home).require(), tuple(sbatch_options)))
+    click.echo(do_submit(open_home(home).require(), tuple(submit_options),
+                         scheduler=scheduler or ""))
 
 
 @main.command()

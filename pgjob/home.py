@@ -44,6 +44,9 @@ class Settings:
     backup_interval: int = 3600  # seconds between backups while serving; 0: only at stop
     backups_keep: int = 5
     pooler: str = ""  # "pgbouncer": clients reach the server through it (hundreds of workers)
+    # Where the scheduler sends no signal before the time limit (PBS), serve stops itself
+    # this many seconds before the job's end.
+    stop_margin: int = 300
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Settings":

@@ -41,15 +41,17 @@ def _user_kwargs(account: Account | None) -> dict:
 
 def run(argv: list[str], *, timeout: float, what: str, account: Account | None = None,
         env: dict[str, str] | None = None, log_tail: Callable[[], str] | None = None,
-        cwd: str | Path | None = None) -> str:
+        cwd: str | Path | None = None, stdin_text: str | None = None) -> str:
     """Run a program to completion and return its combined output.
 
-    `what` names the step for the error message ("initdb failed: ...").
+    `what` names the step for the error message ("initdb failed: ..."); `stdin_text`, when
+    given, is the program's standard input (bsub reads a job script's #BSUB lines there).
     """
     argv = [str(a) for a in argv]
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout, env=env, cwd=cwd or "/",
+                              input=stdin_text, text=True, timeout=timeout, env=env,
+                              cwd=cwd or "/",
                               **_user_kwargs(account))
     except subprocess.TimeoutExpired as exc:
         out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output

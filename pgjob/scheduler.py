@@ -1,7 +1,9 @@
 """What the batch system tells a job about itself: which scheduler, job id, node, memory, end.
 
 Facts come from per-scheduler tables of environment variables; `detect()` says which
-scheduler is active. Memory also comes from the cgroup the job runs in.
+scheduler is active. Memory also comes from the cgroup the job runs in. What only the
+scheduler's own commands know (PBS's walltime, LSF's time left) comes from `query()`,
+whose PBS and LSF halves live in pbs.py and lsf.py.
 """
 from __future__ import annotations
 
@@ -15,11 +17,24 @@ import psutil
 
 MB = 1024 * 1024
 
-# scheduler -> (variable that proves it is active, job id variable, node name variable)
+
+@dataclass(frozen=True)
+class Table:
+    """Where one scheduler puts a job's facts in the job's environment."""
+
+    marker: str  # set in every job of this scheduler: proves it is active
+    job_id: str
+    node_vars: tuple[str, ...] = ()  # the first word of the first one set names the node
+    node_file: str = ""  # else: a variable naming a file whose first line names it
+    # Whether the job is signalled before its time limit (Slurm's --signal, LSF's -wa).
+    # Where not (PBS), serve stops itself a margin before the job's end.
+    warns: bool = True
+
+
 TABLES = {
-    "slurm": ("SLURM_JOB_ID", "SLURM_JOB_ID", "SLURMD_NODENAME"),
-    "pbs": ("PBS_JOBID", "PBS_JOBID", ""),
-    "lsf": ("LSB_JOBID", "LSB_JOBID", ""),
+    "slurm": Table("SLURM_JOB_ID", "SLURM_JOB_ID", node_vars=("SLURMD_NODENAME",)),
+    "pbs": Table("PBS_JOBID", "PBS_JOBID", node_file="PBS_NODEFILE", warns=False),
+    "lsf": Table("LSB_JOBID", "LSB_JOBID", node_vars=("LSB_HOSTS", "LSB_MCPU_HOSTS")),
 }
 
 
@@ -36,11 +51,16 @@ class Job:
             return None
         return max(0.0, self.end_time - (now or time.time()))
 
+    @property
+    def warned_before_end(self) -> bool:
+        """Whether the scheduler signals this job before its time limit."""
+        return self.scheduler not in TABLES or TABLES[self.scheduler].warns
+
 
 def detect(env: dict[str, str] | None = None) -> str:
     env = os.environ if env is None else env
-    for name, (marker, _, _) in TABLES.items():
-        if env.get(marker):
+    for name, table in TABLES.items():
+        if env.get(table.marker):
             return name
     return "none"
 
@@ -78,28 +98,53 @@ def cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
     return None
 
 
+def _first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
 def node_name(env: dict[str, str] | None = None) -> str:
     """This node's name as the scheduler knows it, else the short host name. Cheap: it is
     what the lease and the serve record compare, in polling loops."""
     env = os.environ if env is None else env
-    name = detect(env)
-    node_var = TABLES[name][2] if name != "none" else ""
-    return (env.get(node_var, "") if node_var else "") or socket.gethostname().split(".")[0]
+    table = TABLES.get(detect(env))
+    if table is not None:
+        for var in table.node_vars:
+            if env.get(var, "").split():
+                return env[var].split()[0]
+        if table.node_file and env.get(table.node_file):
+            listed = _first_line(env[table.node_file])
+            if listed:
+                return listed.split(".")[0]
+    return socket.gethostname().split(".")[0]
 
 
 def current(env: dict[str, str] | None = None) -> Job:
-    """This process's job, or a job of scheduler "none" outside any batch system."""
+    """This process's job, or a job of scheduler "none" outside any batch system.
+
+    Under PBS and LSF this asks the scheduler (qstat, bjobs) for the job's end and memory,
+    which their job environments do not carry."""
     env = dict(os.environ if env is None else env)
     name = detect(env)
     node = node_name(env)
-    job_id = env.get(TABLES[name][1], "") if name != "none" else ""
+    job_id = env.get(TABLES[name].job_id, "") if name != "none" else ""
     limits = [psutil.virtual_memory().total, cgroup_memory()]
+    end_time = None
     if name == "slurm":
         limits.append(_slurm_memory(env))
-    end = env.get("SLURM_JOB_END_TIME") if name == "slurm" else None
+        end = env.get("SLURM_JOB_END_TIME", "")
+        end_time = float(end) if end.isdigit() else None
+    elif name != "none":
+        queued = query(name, job_id)
+        if queued is not None:
+            limits.append(queued.memory_bytes)
+            if queued.time_left is not None:
+                end_time = time.time() + queued.time_left
     return Job(scheduler=name, job_id=job_id, node=node,
-               memory_bytes=min(m for m in limits if m),
-               end_time=float(end) if end and end.isdigit() else None)
+               memory_bytes=min(m for m in limits if m), end_time=end_time)
 
 
 @dataclass(frozen=True)
@@ -109,6 +154,7 @@ class QueueState:
     state: str  # RUNNING, PENDING, COMPLETED, ... or "UNKNOWN" when the scheduler forgot it
     time_left: float | None
     node: str
+    memory_bytes: int | None = None  # the job's memory limit, where only the scheduler knows it
 
 
 def parse_slurm_duration(text: str) -> float | None:
@@ -125,12 +171,14 @@ def parse_slurm_duration(text: str) -> float | None:
 
 
 def query(scheduler: str, job_id: str) -> QueueState | None:
-    """Ask the scheduler about a job; None when we cannot ask (not Slurm, no squeue)."""
-    from . import proc
+    """Ask the scheduler about a job; None when we cannot ask (no scheduler, no job id)."""
+    from . import lsf, pbs, proc
     from .errors import CommandFailed
 
-    if scheduler != "slurm" or not job_id:
+    if not job_id or scheduler not in TABLES:
         return None
+    if scheduler != "slurm":
+        return {"pbs": pbs.query, "lsf": lsf.query}[scheduler](job_id)
     try:
         out = proc.run(["squeue", "-h", "-j", job_id, "-o", "%T|%L|%N"], timeout=20,
                        what="squeue failed")

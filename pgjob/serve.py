@@ -34,8 +34,10 @@ log = logging.getLogger("pgjob.serve")
 
 BIND_FAILED = "could not create any TCP/IP sockets"
 BIND_ATTEMPTS = 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+# SIGUSR2 is what LSF sends when a job reaches its run limit (ten minutes before SIGKILL).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 WALLTIME_MARGIN = 300  # a SIGTERM this close to the job's end is the time limit, not a cancel
+TIME_LIMIT = "the job's time limit is near"  # the reason of a self-scheduled stop
 DISK_FULL_BYTES = 64 * 1024 * 1024
 
 
@@ -120,6 +122,7 @@ class Serve:
     lease: lease.Lease | None = None
     lease_lost: bool = False
     job_end: float | None = None
+    stop_at: float | None = None  # a self-scheduled stop, where no signal warns of the end
     backup_thread: threading.Thread | None = None
     troubles: set[str] = field(default_factory=set)
     front: pooler.Pooler | None = None  # pgbouncer, when the settings ask for it
@@ -275,21 +278,44 @@ class Serve:
             system_identifier=ident))
 
     def _start_chain(self) -> None:
-        """With --renew under Slurm: queue the job that takes over when this one ends."""
+        """With --renew in a batch job: queue the job that takes over when this one ends."""
         queued = scheduler.query(self.job.scheduler, self.job.job_id)
         if queued is not None and queued.time_left is not None:
             self.job_end = time.time() + queued.time_left
+        self._schedule_own_stop()
         if not self.renew:
             return
-        if self.job.scheduler != "slurm" or not self.job.job_id:
-            log.warning("--renew needs a Slurm job; serving without renewal")
+        if self.job.scheduler not in submit.SUBMIT or not self.job.job_id:
+            log.warning("--renew needs a Slurm, PBS or LSF job; serving without renewal")
             return
-        successor = submit.submit_successor(self.home, self.job.job_id)
+        successor = submit.submit_successor(self.home, self.job.job_id, self.job.scheduler)
         log.info("renewal: job %s will take over when this job ends", successor)
+
+    def _schedule_own_stop(self) -> None:
+        """Where no signal comes before the time limit (PBS), stop a margin before the end,
+        so the last backup and a clean shutdown happen before the scheduler kills the job.
+        A job with less than twice the margin left serves half of it (a chain of short jobs
+        must not stop as soon as each starts)."""
+        if self.job.warned_before_end:
+            return
+        if self.job_end is None:
+            log.warning("%s gave no end time for job %s, and sends no signal before the "
+                        "time limit: serving without a self-scheduled stop, so the job may "
+                        "be killed at its walltime (check `qstat -f %s`)",
+                        self.job.scheduler.upper(), self.job.job_id, self.job.job_id)
+            return
+        left = self.job_end - time.time()
+        margin = min(self.settings.stop_margin, left / 2)
+        self.stop_at = self.job_end - margin
+        log.info("%s sends no signal before the time limit: stopping by itself at %s, "
+                 "%.0f s before the job's end", self.job.scheduler.upper(),
+                 time.strftime("%H:%M:%S", time.localtime(self.stop_at)), margin)
 
     def _stop_asked(self) -> bool:
         if not self.stop_reason and self.home.stop_request.exists():
             self.stop_reason = "pgjob stop"
+        if not self.stop_reason and self.stop_at is not None and time.time() >= self.stop_at:
+            self.stop_reason = TIME_LIMIT
         return bool(self.stop_reason)
 
     def _keep_alive(self, socket_dir: Path) -> int:
@@ -392,7 +418,7 @@ class Serve:
 
     def _ends_chain(self) -> bool:
         """`pgjob stop`, Ctrl-C or scancel end a renewal chain; the time limit does not."""
-        if self.stop_reason in ("SIGUSR1", ""):
+        if self.stop_reason in ("SIGUSR1", "SIGUSR2", TIME_LIMIT, ""):
             return False
         if self.stop_reason == "SIGTERM" and self.job_end is not None:
             return time.time() < self.job_end - WALLTIME_MARGIN

@@ -1,0 +1,75 @@
+"""IBM Spectrum LSF: what `bjobs` says about a job, and its successor's bsub.
+
+An LSF job's environment names the job (LSB_JOBID), its hosts (LSB_HOSTS), queue
+(LSB_QUEUE) and name (LSB_JOBNAME), but not its end:
+`bjobs -o` prints the time left. LSF reads a script's #BSUB lines only when the script
+comes on bsub's standard input, so the successor's script is given there.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from . import proc
+from .errors import CommandFailed
+from .scheduler import QueueState
+
+STATES = {"PEND": "PENDING", "RUN": "RUNNING", "DONE": "COMPLETED", "EXIT": "FAILED",
+          "PSUSP": "SUSPENDED", "USUSP": "SUSPENDED", "SSUSP": "SUSPENDED",
+          "UNKWN": "UNKNOWN", "ZOMBI": "UNKNOWN"}
+# -hms: times as hours:minutes:seconds, whatever LSB_HMS_TIME_FORMAT the site set.
+BJOBS = ["bjobs", "-noheader", "-hms", "-o", "stat exec_host time_left delimiter='|'"]
+SUBMITTED = re.compile(r"Job <(\d+(?:\[\d+\])?)>")
+
+
+def parse_time_left(text: str) -> float | None:
+    """Seconds in bjobs' time_left: "hh:mm:ss" (with -hms) or "hours:minutes", each
+    followed by a status letter (L: a run limit, E: an estimate, X: overrun); "-": none."""
+    words = text.split()
+    if not words:
+        return None
+    parts = words[0].split(":")
+    if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    hours, minutes, seconds = (int(p) for p in (parts + ["0"])[:3])
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def parse_bjobs(text: str) -> QueueState:
+    for line in text.splitlines():
+        if line.count("|") == 2:
+            state, hosts, left = (f.strip() for f in line.split("|"))
+            # exec_host: "hostA", or "4*hostA:2*hostB" for a job on several hosts
+            node = hosts.split(":")[0].split("*")[-1] if hosts != "-" else ""
+            return QueueState(STATES.get(state, state), parse_time_left(left)
+                              if state == "RUN" else None, node)
+    return QueueState("UNKNOWN", None, "")  # "Job <ID> is not found"
+
+
+def query(job_id: str) -> QueueState:
+    try:
+        return parse_bjobs(proc.run([*BJOBS, job_id], timeout=20, what="bjobs failed"))
+    except CommandFailed:  # bjobs exits non-zero for a job it no longer knows
+        return QueueState("UNKNOWN", None, "")
+
+
+def job_id_from(output: str) -> str:
+    """The id in bsub's answer "Job <1234> is submitted to queue <normal>."."""
+    found = SUBMITTED.search(output)
+    if not found:
+        raise CommandFailed(f"bsub did not say which job it submitted: {output.strip()!r}",
+                            argv=["bsub"], returncode=0, output=output)
+    return found.group(1)
+
+
+def successor_argv(job_id: str, logs: Path, env: dict[str, str] | None = None) -> list[str]:
+    """bsub (script on its standard input) for the job that takes over from `job_id` once
+    it has ended, in the same queue, with the same name, logging into `logs`."""
+    env = os.environ if env is None else env
+    argv = ["bsub", "-w", f"ended({job_id})", "-o", f"{logs}/serve-%J.out"]
+    if env.get("LSB_QUEUE"):
+        argv += ["-q", env["LSB_QUEUE"]]
+    if env.get("LSB_JOBNAME"):
+        argv += ["-J", env["LSB_JOBNAME"]]
+    return argv
