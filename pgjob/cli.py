@@ -185,3 +185,13 @@ def demo(workers, trials, keep) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(workers=workers, trials=trials, keep=keep, say=click.echo))
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell) -> None:
+    """Print the shell completion script, e.g. eval "$(pgjob completion bash)" in ~/.bashrc."""
+    from click.shell_completion import get_completion_class
+
+    script = get_completion_class(shell)(main, {}, "pgjob", "_PGJOB_COMPLETE").source()
+    click.echo(script.rstrip("\n"))
