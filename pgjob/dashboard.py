@@ -7,6 +7,7 @@ could reach it, which is why docs/remote.md suggests running it on your own mach
 """
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Callable
 
@@ -39,15 +40,33 @@ def tunnel_storage(url: str):
 
 
 def _run(storage, port: int, say: Callable[[str], None]) -> None:
-    dashboard = require_dashboard()
-    say(f"dashboard: http://{HOST}:{port}/  (Ctrl-C to stop)")
+    """Serve the dashboard until Ctrl-C or SIGTERM.
+
+    The HTTP server runs in a thread and the main thread only waits: a signal that landed
+    in a request would be swallowed by wsgiref's error handling and never stop it.
+    """
+    from wsgiref.simple_server import make_server
+
+    app = require_dashboard().wsgi(storage)
     try:
-        dashboard.run_server(storage, host=HOST, port=port)
+        server = make_server(HOST, port, app)
     except OSError as exc:
         raise UsageError(f"the dashboard cannot listen on {HOST}:{port}: {exc.strerror}; "
                          "choose another port with --port") from None
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    worker.start()
+    say(f"dashboard: http://{HOST}:{port}/  (Ctrl-C to stop)")
+    try:
+        while not stop.wait(1):
+            pass
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.shutdown()
+        server.server_close()
 
 
 def serve_local(home: Home, *, port: int, wait: float, say: Callable[[str], None]) -> None:

@@ -1,4 +1,5 @@
-"""`pgjob psql` and `pgjob dashboard` against a real server on loopback."""
+"""`pgjob psql` and `pgjob dashboard` against a real server on loopback; the tunnel's pure
+parts (its end-to-end tests, which need root for network namespaces, are in test_tunnel.py)."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ import pexpect
 import pytest
 
 from conftest import pgjob_cmd, run_pgjob
+from pgjob import tunnel
+from pgjob.errors import TunnelFailed
 from pgjob.tunnel import free_port
 from pgjob.waiting import until
 
-pytestmark = pytest.mark.pg
-
-
+@pytest.mark.pg
 def test_psql_opens_a_session_on_the_study_database_with_no_password_typed(server):
     optuna.create_study(storage=server.endpoint().sqlalchemy_url(), study_name="seen-by-psql")
     cmd = pgjob_cmd("psql", "--home", str(server.home_path))
@@ -37,23 +38,27 @@ def test_psql_opens_a_session_on_the_study_database_with_no_password_typed(serve
     assert "Password" not in child.before
 
 
+@pytest.mark.pg
 def test_psql_passes_its_arguments_on(server):
     done = run_pgjob("psql", "--home", str(server.home_path), "--", "-Atc", "select current_user")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "optuna"
 
 
+@pytest.mark.pg
 def test_psql_without_a_server_says_so(home_path):
     done = run_pgjob("psql", "--home", str(home_path))
     assert done.returncode == 2 and "nothing is served" in done.stderr
 
 
+@pytest.mark.pg
 def test_the_dashboard_serves_the_studies_and_stops(server, tmp_path):
     optuna.create_study(storage=server.endpoint().sqlalchemy_url(), study_name="on-the-board")
     port = free_port()
     with open(tmp_path / "dashboard.log", "w") as log:
         board = subprocess.Popen(pgjob_cmd("dashboard", "--home", str(server.home_path),
-                                           "--port", str(port)), stdout=log, stderr=log)
+                                           "--port", str(port)), stdout=log, stderr=log,
+                                 env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         def studies():
             try:
@@ -69,10 +74,17 @@ def test_the_dashboard_serves_the_studies_and_stops(server, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
     finally:
-        board.send_signal(signal.SIGINT)
-        assert board.wait(30) == 0, (tmp_path / "dashboard.log").read_text()
+        board.send_signal(signal.SIGTERM)
+        try:
+            assert board.wait(30) == 0, (tmp_path / "dashboard.log").read_text()
+        except subprocess.TimeoutExpired:
+            board.send_signal(signal.SIGABRT)  # faulthandler: where it hung, into the log
+            board.wait(10)
+            raise AssertionError("the dashboard did not stop on SIGTERM:\n"
+                                 + (tmp_path / "dashboard.log").read_text()) from None
 
 
+@pytest.mark.pg
 def test_a_missing_dashboard_names_the_extra_to_install(home_path, tmp_path):
     hidden = tmp_path / "hide"
     hidden.mkdir()
@@ -82,3 +94,31 @@ def test_a_missing_dashboard_names_the_extra_to_install(home_path, tmp_path):
                          [str(hidden), os.environ.get("PYTHONPATH", "")])})
     assert done.returncode == 3
     assert 'pip install "pgjob[dashboard]"' in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_gateway_list_becomes_ssh_jumps():
+    assert tunnel.destination("me@login1") == ["me@login1"]
+    assert tunnel.destination("bastion, login1,node7") == ["-J", "bastion,login1", "node7"]
+    with pytest.raises(TunnelFailed):
+        tunnel.destination(" , ")
+
+
+def test_free_ports_differ_and_are_free():
+    import socket
+
+    first, second = free_port(), free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first))  # free: binding it works
+    assert first != second or free_port() != first
+
+
+def test_ssh_failures_become_advice():
+    said = tunnel._classify("ssh: connect to host x port 22: Connection refused\r\n",
+                            tunnel.FAILURES)
+    assert "unreachable (connection refused)" in said
+    said = tunnel._classify("channel 3: open failed: administratively prohibited: open failed",
+                            tunnel.REFUSALS, target="10.0.0.5:5432")
+    assert "AllowTcpForwarding" in said
+    said = tunnel._classify("channel 3: open failed: connect failed: No route to host",
+                            tunnel.REFUSALS, target="10.0.0.5:5432")
+    assert "cannot reach the server at 10.0.0.5:5432" in said
