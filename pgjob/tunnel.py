@@ -26,7 +26,7 @@ import psycopg
 
 from . import endpoint
 from .endpoint import Endpoint
-from .errors import NotPublished, TunnelFailed
+from .errors import NotPublished, PgJobError, TunnelFailed
 from .home import Home
 from .proc import run
 from .waiting import until
@@ -174,6 +174,7 @@ class Tunnel:
         self.child = pexpect.spawn(ssh, self._argv(route), encoding="utf-8",
                                    codec_errors="replace", timeout=LOGIN_TIMEOUT)
         patterns = [HOST_KEY, SECRET, pexpect.EOF, pexpect.TIMEOUT]
+        echoed = [""]
 
         def step():
             index = self.child.expect(patterns, timeout=0.3)
@@ -181,9 +182,13 @@ class Tunnel:
             self.transcript += seen
             if index in (0, 1):
                 lines = [line for line in seen.splitlines() if line.strip()] or [seen]
+                if lines[0].strip() == echoed[0]:  # ssh's terminal echoing our last answer
+                    lines = lines[1:] or [seen]
                 if len(lines) > 1:  # the host key's fingerprint, "please try again", ...
                     self.say("\n".join(lines[:-1]))
-                self.child.sendline(self.ask(lines[-1], index == 1))
+                answer = self.ask(lines[-1], index == 1)
+                echoed[0] = "" if index == 1 else answer.strip()
+                self.child.sendline(answer)
                 return None
             if index == 2:
                 self.child.wait()
@@ -294,7 +299,7 @@ class Tunnel:
         while not stop.wait(FOLLOW_INTERVAL):
             try:
                 self.follow_once()
-            except TunnelFailed as exc:
+            except PgJobError as exc:  # say it and keep trying: the next look may work
                 self.say(f"pgjob tunnel: {exc}")
 
     def close(self) -> None:
