@@ -9,6 +9,7 @@ The gateway does not route, so the server is reachable only from the gateway's s
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -28,6 +30,7 @@ import pytest
 from conftest import pgjob_cmd, run_pgjob
 from pgjob import endpoint
 from pgjob.home import open_home
+from pgjob.tunnel import free_port
 from pgjob.waiting import until
 
 pytestmark = pytest.mark.root
@@ -256,3 +259,46 @@ def test_an_unreachable_gateway_reads_clearly(node_server, known_hosts):
                      timeout=60)
     assert done.returncode == 10
     assert "unreachable (connection refused)" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_taken_local_port_reads_clearly(node_server, sshd, known_hosts):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cmd = tunnel_cmd(node_server.home, known_hosts, "--local-port",
+                         str(taken.getsockname()[1]))
+        child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=60)
+        if child.expect([r"\(yes/no[^)]*\)\? ", r"password: "]) == 0:
+            child.sendline("yes")
+            child.expect(r"password: ")
+        child.sendline(sshd["password"])
+        child.expect(pexpect.EOF)
+        child.close()
+    assert child.exitstatus == 10
+    assert "the local port is taken" in child.before and "Traceback" not in child.before
+
+
+def test_the_dashboard_reaches_the_server_through_a_tunnel(node_server, sshd, known_hosts):
+    make_study_on_the_node(node_server, "on-the-board")
+    port = free_port()
+    cmd = [*pgjob_cmd("dashboard", "--port", str(port)), *tunnel_cmd(node_server.home,
+                                                                      known_hosts)[4:]]
+    child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=60)
+    try:
+        while child.expect([r"\(yes/no[^)]*\)\? ", r"password: ", r"dashboard: http"]) != 2:
+            child.sendline("yes" if "yes/no" in child.after else sshd["password"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as got:
+            names = [s["study_name"] for s in json.load(got)["study_summaries"]]
+        assert "on-the-board" in names
+    finally:
+        close_tunnel(child)
+
+
+def make_study_on_the_node(node_server, name: str) -> None:
+    """A study made from the node's side, where the server is reachable without a tunnel."""
+    subprocess.run(in_netns(NODE, sys.executable, "-c",
+                            "import optuna, pgjob, sys\n"
+                            "optuna.create_study(storage=pgjob.optuna_storage(sys.argv[1]),"
+                            " study_name=sys.argv[2], load_if_exists=True)",
+                            str(node_server.home), name), check=True, timeout=60,
+                   capture_output=True)
