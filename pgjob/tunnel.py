@@ -138,7 +138,8 @@ class Tunnel:
         self.child = None
         self.route: Route | None = None
         self.generation = 0
-        self.transcript = ""
+        self.transcript = ""  # what ssh printed lately, for error messages
+        self._echo = ""  # our last visible answer, which ssh's terminal echoes back
 
     # -- the ssh master ---------------------------------------------------------------
     def _forward(self, route: Route) -> str:
@@ -174,31 +175,35 @@ class Tunnel:
         self.child = pexpect.spawn(ssh, self._argv(route), encoding="utf-8",
                                    codec_errors="replace", timeout=LOGIN_TIMEOUT)
         patterns = [HOST_KEY, SECRET, pexpect.EOF, pexpect.TIMEOUT]
-        echoed = [""]
+        self._echo = ""
 
         def step():
             index = self.child.expect(patterns, timeout=0.3)
+            if index == 3:  # nothing new: ready once ssh opened its control socket
+                return "up" if self.control.exists() else None
             seen = (self.child.before or "") + (self.child.after if index < 2 else "")
             self.transcript += seen
-            if index in (0, 1):
-                lines = [line for line in seen.splitlines() if line.strip()] or [seen]
-                if lines[0].strip() == echoed[0]:  # ssh's terminal echoing our last answer
-                    lines = lines[1:] or [seen]
-                if len(lines) > 1:  # the host key's fingerprint, "please try again", ...
-                    self.say("\n".join(lines[:-1]))
-                answer = self.ask(lines[-1], index == 1)
-                echoed[0] = "" if index == 1 else answer.strip()
-                self.child.sendline(answer)
-                return None
             if index == 2:
                 self.child.wait()
                 return "exited"
-            return "up" if self.control.exists() else None
+            self._relay(seen, secret=index == 1)
+            return None
 
         outcome = until(step, LOGIN_TIMEOUT, interval=0)
         if outcome != "up":
             self._fail_login(outcome is None)
         self.route = route
+
+    def _relay(self, seen: str, secret: bool) -> None:
+        """Show the user what ssh said and asked; send back the answer."""
+        lines = [line for line in seen.splitlines() if line.strip()] or [seen]
+        if lines[0].strip() == self._echo:  # ssh's terminal echoing our last answer
+            lines = lines[1:] or [seen]
+        if len(lines) > 1:  # the host key's fingerprint, "please try again", ...
+            self.say("\n".join(lines[:-1]))
+        answer = self.ask(lines[-1], secret)
+        self._echo = "" if secret else answer.strip()
+        self.child.sendline(answer)
 
     def _fail_login(self, timed_out: bool) -> None:
         self._drain()
@@ -211,7 +216,7 @@ class Tunnel:
         raise TunnelFailed(f"ssh to {self.via}: {advice}", detail=detail)
 
     def _control(self, op: str, route: Route) -> None:
-        run(["ssh", "-S", self.control, "-O", op, "-L", self._forward(route), *self.dest],
+        run([shutil.which("ssh") or "ssh", "-S", self.control, "-O", op, "-L", self._forward(route), *self.dest],
             timeout=20, what=f"ssh -O {op} on the tunnel to {self.via}")
 
     def alive(self) -> bool:

@@ -302,3 +302,27 @@ def make_study_on_the_node(node_server, name: str) -> None:
                             " study_name=sys.argv[2], load_if_exists=True)",
                             str(node_server.home), name), check=True, timeout=60,
                    capture_output=True)
+
+
+def test_a_dropped_ssh_connection_is_made_again_on_the_same_port(node_server, sshd,
+                                                                   known_hosts):
+    import psutil
+
+    child, url, _ = open_tunnel(node_server.home, known_hosts, sshd["password"])
+    try:
+        ssh, = [p for p in psutil.Process(child.pid).children() if p.name() == "ssh"]
+        ssh.kill()
+        child.expect("connecting again")
+        child.expect("password: ")
+        child.sendline(sshd["password"])
+        assert until(lambda: _query(url), 20, interval=0.3), "no answer on the same URL"
+    finally:
+        close_tunnel(child)
+
+
+def _query(url: str) -> bool:
+    try:
+        with psycopg.connect(url.replace("+psycopg", ""), connect_timeout=3) as conn:
+            return conn.execute("select 1").fetchone() == (1,)
+    except psycopg.Error:
+        return False
