@@ -107,6 +107,7 @@ def sshd(network):
     finally:
         daemon.terminate()
         daemon.wait(20)
+        sh("passwd", "-l", SSH_USER, check=False)  # no password login left behind
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -326,3 +327,12 @@ def _query(url: str) -> bool:
             return conn.execute("select 1").fetchone() == (1,)
     except psycopg.Error:
         return False
+
+
+def test_a_password_asked_with_no_terminal_to_answer_on_reads_clearly(node_server, sshd,
+                                                                       known_hosts):
+    cmd = tunnel_cmd(node_server.home, known_hosts, "-o", "StrictHostKeyChecking=no")
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 10
+    assert "no terminal to answer on" in done.stderr and "Traceback" not in done.stderr
