@@ -170,6 +170,7 @@ class Tunnel:
         ssh = shutil.which("ssh")
         if not ssh:
             raise TunnelFailed("no ssh program found on PATH; install OpenSSH's client")
+        self._stop_ssh()  # a master that died is reaped before its successor starts
         self.control.unlink(missing_ok=True)
         self.transcript = ""
         self.child = pexpect.spawn(ssh, self._argv(route), encoding="utf-8",
@@ -207,7 +208,7 @@ class Tunnel:
 
     def _fail_login(self, timed_out: bool) -> None:
         self._drain()
-        self.close()
+        self._stop_ssh()
         detail = self.transcript.strip()
         if timed_out:
             raise TunnelFailed(f"ssh to {self.via} did not log in within {LOGIN_TIMEOUT} s",
@@ -216,7 +217,8 @@ class Tunnel:
         raise TunnelFailed(f"ssh to {self.via}: {advice}", detail=detail)
 
     def _control(self, op: str, route: Route) -> None:
-        run([shutil.which("ssh") or "ssh", "-S", self.control, "-O", op, "-L", self._forward(route), *self.dest],
+        run([shutil.which("ssh") or "ssh", "-S", self.control, "-O", op,
+             "-L", self._forward(route), *self.dest],
             timeout=20, what=f"ssh -O {op} on the tunnel to {self.via}")
 
     def alive(self) -> bool:
@@ -305,21 +307,32 @@ class Tunnel:
             try:
                 self.follow_once()
             except PgJobError as exc:  # say it and keep trying: the next look may work
-                self.say(f"pgjob tunnel: {exc}")
+                self.say(f"pgjob tunnel: {exc.args[0]}")  # not ssh's transcript: its
+                # prompts, shown again, would read as questions
 
-    def close(self) -> None:
+    def _stop_ssh(self) -> None:
         if self.child is not None:
             self.child.close(force=True)
             self.child = None
+
+    def close(self) -> None:
+        """End ssh (and with it the forward) and remove the control socket's folder."""
+        self._stop_ssh()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def run_until_stopped(tunnel: Tunnel, stop: threading.Event | None = None) -> None:
-    """Follow the server in the foreground until Ctrl-C or SIGTERM; close the tunnel."""
-    stop = stop or threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def run_until_stopped(tunnel: Tunnel) -> None:
+    """Follow the server in the foreground until Ctrl-C or SIGTERM; close the tunnel.
+
+    SIGTERM acts as Ctrl-C does, so it also ends a prompt that waits for an answer.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        tunnel.follow(stop)
+        tunnel.follow(threading.Event())
     except KeyboardInterrupt:
         pass
     finally:

@@ -3,7 +3,11 @@
 The network, made here (root only, for the namespaces), stands for a laptop, a login node
 and a compute node:
 
-    this machine (laptop) 10.77.214.1 --- 10.77.214.2 pgjt-gw (sshd) 10.77.214.5 --- 10.77.214.6 pgjt-node (pgjob serve)
+    this machine (the laptop)  10.77.214.1
+         |
+    10.77.214.2  pgjt-gw (sshd, the login node)  10.77.214.5
+                                                      |
+                                       10.77.214.6  pgjt-node (pgjob serve)
 
 The gateway does not route, so the server is reachable only from the gateway's side.
 """
@@ -58,7 +62,7 @@ def remove_network() -> None:
 @pytest.fixture(scope="module")
 def network():
     if not shutil.which("sshd") and not os.path.exists("/usr/sbin/sshd"):
-        pytest.fail("no sshd: `./dev test` installs openssh-server (apt-get install openssh-server)")
+        pytest.fail("no sshd: `./dev test` installs it (apt-get install openssh-server)")
     remove_network()
     try:
         for name in (GW, NODE):
@@ -68,8 +72,10 @@ def network():
            "netns", GW)
         sh("ip", "-n", GW, "link", "add", "pgjt-g1", "type", "veth", "peer", "name", "pgjt-n1",
            "netns", NODE)
-        for ns, dev, addr in ((None, "pgjt-l0", "10.77.214.1/30"), (GW, "pgjt-g0", f"{GW_ADDR}/30"),
-                              (GW, "pgjt-g1", "10.77.214.5/30"), (NODE, "pgjt-n1", f"{NODE_ADDR}/30")):
+        for ns, dev, addr in ((None, "pgjt-l0", "10.77.214.1/30"),
+                              (GW, "pgjt-g0", f"{GW_ADDR}/30"),
+                              (GW, "pgjt-g1", "10.77.214.5/30"),
+                              (NODE, "pgjt-n1", f"{NODE_ADDR}/30")):
             prefix = ("ip", "-n", ns) if ns else ("ip",)
             sh(*prefix, "addr", "add", addr, "dev", dev)
             sh(*prefix, "link", "set", dev, "up")
@@ -155,7 +161,8 @@ def known_hosts(tmp_path):
 
 def tunnel_cmd(home: Path, known_hosts: Path, *extra: str) -> list[str]:
     return pgjob_cmd("tunnel", "--home", str(home), "--via", f"{SSH_USER}@{GW_ADDR}",
-                     "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+                     "-o", f"UserKnownHostsFile={known_hosts}",
+                     "-o", "GlobalKnownHostsFile=/dev/null",
                      "-o", "StrictHostKeyChecking=ask", "-o", "PubkeyAuthentication=no", *extra)
 
 
@@ -309,10 +316,15 @@ def test_a_dropped_ssh_connection_is_made_again_on_the_same_port(node_server, ss
                                                                    known_hosts):
     import psutil
 
-    child, url, _ = open_tunnel(node_server.home, known_hosts, sshd["password"])
+    child, url, _ = open_tunnel(node_server.home, known_hosts, sshd["password"],
+                                "-o", "NumberOfPasswordPrompts=1")
     try:
         ssh, = [p for p in psutil.Process(child.pid).children() if p.name() == "ssh"]
         ssh.kill()
+        child.expect("connecting again")
+        child.expect("password: ")
+        child.sendline("a-typo")  # a failed login is said, and tried again
+        child.expect("authentication failed")
         child.expect("connecting again")
         child.expect("password: ")
         child.sendline(sshd["password"])
