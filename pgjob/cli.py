@@ -195,3 +195,72 @@ def completion(shell) -> None:
 
     script = get_completion_class(shell)(main, {}, "pgjob", "_PGJOB_COMPLETE").source()
     click.echo(script.rstrip("\n"))
+
+
+def ssh_options(f):
+    f = click.option("--ssh-option", "-o", "ssh_options", multiple=True, metavar="OPTION",
+                     help="Passed to ssh as -o OPTION, e.g. -o User=me; repeatable.")(f)
+    return click.option("--wait", default=0.0, metavar="SECONDS",
+                        help="Wait this long for the server to be published.")(f)
+
+
+def say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@main.command()
+@home_option
+@click.option("--via", required=True, metavar="GATEWAY",
+              help="ssh destination that reaches the compute nodes, e.g. me@login1; "
+                   "a,b goes through a to b (ssh -J).")
+@click.option("--local-port", default=0, type=int, help="Local port (default: a free one).")
+@click.option("--format", "fmt", type=click.Choice(["sqlalchemy", "libpq"]),
+              default="sqlalchemy", show_default=True)
+@ssh_options
+def tunnel(home, via, local_port, fmt, ssh_options, wait) -> None:
+    """Forward a local port to the serving node over ssh; print a local URL; follow moves."""
+    from . import tunnel as tunnels
+
+    opened = tunnels.Tunnel(open_home(home).require(), via, local_port=local_port,
+                            ssh_options=ssh_options, say=say)
+    local = opened.open(wait)
+    click.echo(local.sqlalchemy_url(tunnels.TUNNEL_SSLMODE) if fmt == "sqlalchemy"
+               else local.libpq_url(tunnels.TUNNEL_SSLMODE))
+    say(f"pgjob tunnel: {local.host}:{local.port} -> {opened.route.spec} via {via}; it "
+        "follows the server if it moves; Ctrl-C to close")
+    tunnels.run_until_stopped(opened)
+
+
+@main.command(context_settings={"ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@home_option
+@click.option("--wait", default=0.0, metavar="SECONDS",
+              help="Wait this long for the server to be published and answer.")
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+def psql(home, wait, psql_args) -> None:
+    """psql on the study database, no password typed; arguments after -- go to psql."""
+    from .psql import exec_psql
+
+    target = open_home(home).require()
+    exec_psql(endpoint.wait_connectable(target, timeout=wait), tuple(psql_args),
+              pg_bin=target.settings().pg_bin)
+
+
+@main.command()
+@home_option
+@click.option("--port", default=8080, show_default=True, help="Local port of the dashboard.")
+@click.option("--via", metavar="GATEWAY", help="Reach the server through an ssh tunnel "
+              "(as for `pgjob tunnel`).")
+@ssh_options
+def dashboard(home, port, via, ssh_options, wait) -> None:
+    """optuna-dashboard on this instance's studies (needs pgjob[dashboard])."""
+    from . import dashboard as dashboards
+
+    target = open_home(home).require()
+    if via:
+        from .tunnel import Tunnel
+
+        dashboards.serve_through(Tunnel(target, via, ssh_options=ssh_options, say=say),
+                                 port=port, wait=wait, say=say)
+    else:
+        dashboards.serve_local(target, port=port, wait=wait, say=say)

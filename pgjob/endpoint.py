@@ -43,30 +43,36 @@ class Endpoint:
     sslrootcert: str = ""
     pooler: str = ""  # "pgbouncer": no prepared statements across transactions
 
-    def _query(self) -> str:
-        return (f"passfile={quote(self.passfile)}&sslmode={SSLMODE}"
+    # `sslmode` is verify-full everywhere except through an ssh tunnel (see tunnel.py),
+    # where the address connected to is 127.0.0.1, which no server certificate names.
+    def _query(self, sslmode: str) -> str:
+        return (f"passfile={quote(self.passfile)}&sslmode={sslmode}"
                 f"&sslrootcert={quote(self.sslrootcert)}")
 
-    def sqlalchemy_url(self) -> str:
+    def sqlalchemy_url(self, sslmode: str = SSLMODE) -> str:
         return (f"postgresql+psycopg://{quote(self.user)}@{self.host}:{self.port}/"
-                f"{quote(self.database)}?{self._query()}")
+                f"{quote(self.database)}?{self._query(sslmode)}")
 
-    def libpq_url(self) -> str:
+    def libpq_url(self, sslmode: str = SSLMODE) -> str:
         return (f"postgresql://{quote(self.user)}@{self.host}:{self.port}/"
-                f"{quote(self.database)}?{self._query()}")
+                f"{quote(self.database)}?{self._query(sslmode)}")
+
+    def libpq_env(self, sslmode: str = SSLMODE) -> dict[str, str]:
+        """The PG* variables that point libpq tools (psql, pg_dump) at this server."""
+        return {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": self.database,
+                "PGUSER": self.user, "PGPASSFILE": self.passfile, "PGSSLMODE": sslmode,
+                "PGSSLROOTCERT": self.sslrootcert}
 
     def env_lines(self) -> str:
-        pairs = {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": self.database,
-                 "PGUSER": self.user, "PGPASSFILE": self.passfile, "PGSSLMODE": SSLMODE,
-                 "PGSSLROOTCERT": self.sslrootcert, "PGJOB_URL": self.sqlalchemy_url()}
+        pairs = {**self.libpq_env(), "PGJOB_URL": self.sqlalchemy_url()}
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in pairs.items())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
-    def connect(self, timeout: float = 5) -> psycopg.Connection:
+    def connect(self, timeout: float = 5, sslmode: str = SSLMODE) -> psycopg.Connection:
         return connect(host=self.host, port=self.port, user=self.user, dbname=self.database,
-                       passfile=Path(self.passfile), timeout=timeout, sslmode=SSLMODE,
+                       passfile=Path(self.passfile), timeout=timeout, sslmode=sslmode,
                        sslrootcert=self.sslrootcert)
 
 

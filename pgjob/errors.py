@@ -72,3 +72,9 @@ class LeaseLost(PgJobError):
     """Another serve took the home's lease: this server must stop writing at once."""
 
     exit_code = 9
+
+
+class TunnelFailed(PgJobError):
+    """The ssh tunnel to the serving node could not be set up or kept."""
+
+    exit_code = 10
