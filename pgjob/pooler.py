@@ -16,11 +16,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import logging
+
 from . import netinfo, proc
 from .cluster import log_tail
 from .errors import ServerFailed, UsageError
+from .home import Home, Settings
+from .initialize import allowed_networks
 from .proc import Account
 from .waiting import until
+
+log = logging.getLogger("pgjob.pooler")
 
 KINDS = ("", "none", "pgbouncer")
 SEARCH = ("/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer", "/usr/local/bin/pgbouncer")
@@ -160,16 +166,59 @@ class Pooler:
             self.process.wait()
 
 
-def launch(pool: Pooler, *, address: str, wanted_port: int, write_files) -> int:
-    """Start pgbouncer on `wanted_port`, or on a free port when that one is taken (another
-    job may bind it between our probe and pgbouncer's); returns the port it listens on.
-    `write_files(port)` writes its settings for that port."""
-    for attempt in range(3):
-        port = netinfo.pick_port(address, wanted_port)
-        write_files(port)
-        pool.start()
-        if pool.listening(address, port):
-            return port
-        pool.stop()
-        wanted_port = 0
-    raise pool.failed(f"did not start listening on {address}")
+@dataclass
+class Front:
+    """pgbouncer as serve runs it, in front of the server it started: its files written
+    from the home's settings, kept alive, and given the password after a rotation."""
+
+    pool: Pooler
+    home: Home
+    settings: Settings
+    address: str
+    pg_port: int
+    port: int = 0
+    passfile_mtime: float = 0.0
+
+    def launch(self, wanted_port: int) -> None:
+        """Start on `wanted_port`, or on a free port when that one is taken (another job
+        may bind it between our probe and pgbouncer's)."""
+        for _ in range(3):
+            port = netinfo.pick_port(self.address, wanted_port)
+            self._write_files(port)
+            self.pool.start()
+            if self.pool.listening(self.address, port):
+                self.port = port
+                return
+            self.pool.stop()
+            wanted_port = 0
+        raise self.pool.failed(f"did not start listening on {self.address}")
+
+    def _write_files(self, port: int) -> None:
+        home, settings, workdir = self.home, self.settings, self.pool.workdir
+        self.pool.write("pgbouncer.ini", render_ini(
+            listen=self.address, port=port, pg_socket_dir=workdir, pg_port=self.pg_port,
+            database=settings.database, workdir=workdir, cert=home.data / "server.crt",
+            key=home.data / "server.key", max_clients=2 * settings.workers + 10))
+        self.pool.write("hba.conf", render_hba(settings.database, settings.user,
+                                               allowed_networks(settings)))
+        self._write_userlist()
+
+    def _write_userlist(self) -> None:
+        passfile, user = self.home.app_passfile, self.settings.user
+        self.passfile_mtime = passfile.stat().st_mtime
+        self.pool.write("userlist.txt", render_userlist(user, password_from(passfile, user)))
+
+    def check(self) -> bool:
+        """Restart pgbouncer if it died; give it the new password after a rotation.
+        True when it now listens on another port (the endpoint must be published again)."""
+        if not self.pool.alive():
+            log.warning("pgbouncer exited (code %s); restarting it (see %s)",
+                        self.pool.process.returncode, self.pool.log)
+            before = self.port
+            self.launch(before)
+            return self.port != before
+        if self.home.app_passfile.stat().st_mtime != self.passfile_mtime:
+            self._write_userlist()
+            self.pool.reload()
+            log.info("pgbouncer reloaded with the rotated password")
+        return False

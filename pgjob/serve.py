@@ -125,8 +125,7 @@ class Serve:
     stop_at: float | None = None  # a self-scheduled stop, where no signal warns of the end
     backup_thread: threading.Thread | None = None
     troubles: set[str] = field(default_factory=set)
-    front: pooler.Pooler | None = None  # pgbouncer, when the settings ask for it
-    public_port: int = 0
+    front: pooler.Front | None = None  # pgbouncer, when the settings ask for it
 
     def run(self) -> int:
         home = self.home
@@ -148,7 +147,8 @@ class Serve:
             ensure_optuna_schema(socket_dir, self.server.port, settings, home.app_passfile)
             self._publish()
             log.info("serving %s at %s:%d (node %s, job %s%s)", home.path, self.address,
-                     self.public_port or self.server.port, job.node, job.job_id or "-",
+                     self.front.port if self.front else self.server.port, job.node,
+                     job.job_id or "-",
                      ", through pgbouncer" if self.front else "")
             self._start_chain()
             return self._keep_alive(socket_dir)
@@ -212,47 +212,16 @@ class Serve:
                              port=settings.port, superuser=settings.superuser,
                              passfile=home.superuser_passfile, account=home.owner)
         self.server.start()
-        self.front = pooler.Pooler(binary=self.pooler_bin, workdir=socket_dir,
-                                   log=home.ensure_file(home.logs / "pgbouncer.log"),
-                                   account=home.owner)
-        self._launch_pooler(settings.port)
-
-    def _launch_pooler(self, wanted_port: int) -> None:
-        home, settings, front = self.home, self.settings, self.front
-
-        def write_files(port: int) -> None:
-            front.write("pgbouncer.ini", pooler.render_ini(
-                listen=self.address, port=port, pg_socket_dir=front.workdir,
-                pg_port=self.server.port, database=settings.database, workdir=front.workdir,
-                cert=home.data / "server.crt", key=home.data / "server.key",
-                max_clients=2 * settings.workers + 10))
-            front.write("hba.conf", pooler.render_hba(settings.database, settings.user,
-                                                      allowed_networks(settings)))
-            self._write_userlist()
-        self.public_port = pooler.launch(front, address=self.address,
-                                         wanted_port=wanted_port, write_files=write_files)
-
-    def _write_userlist(self) -> None:
-        passfile, user = self.home.app_passfile, self.settings.user
-        self.passfile_mtime = passfile.stat().st_mtime
-        self.front.write("userlist.txt", pooler.render_userlist(
-            user, pooler.password_from(passfile, user)))
+        self.front = pooler.Front(
+            pooler.Pooler(binary=self.pooler_bin, workdir=socket_dir,
+                          log=home.ensure_file(home.logs / "pgbouncer.log"),
+                          account=home.owner),
+            home=home, settings=settings, address=self.address, pg_port=settings.port)
+        self.front.launch(settings.port)
 
     def _check_pooler(self) -> None:
-        """Restart pgbouncer if it died; give it the new password after a rotation."""
-        if self.front is None:
-            return
-        if not self.front.alive():
-            log.warning("pgbouncer exited (code %s); restarting it (see %s)",
-                        self.front.process.returncode, self.front.log)
-            port = self.public_port
-            self._launch_pooler(port)
-            if self.public_port != port:
-                self._publish()
-        elif self.home.app_passfile.stat().st_mtime != self.passfile_mtime:
-            self._write_userlist()
-            self.front.reload()
-            log.info("pgbouncer reloaded with the rotated password")
+        if self.front is not None and self.front.check():
+            self._publish()  # it came back on another port
 
     def _install_signals(self) -> None:
         def handler(signum, _frame):
@@ -269,7 +238,7 @@ class Serve:
         if refreshed:
             log.info("gave %d running trials a fresh heartbeat after the restart", refreshed)
         endpoint.publish(self.home, Endpoint(
-            host=self.address, port=self.public_port or self.server.port,
+            host=self.address, port=self.front.port if self.front else self.server.port,
             pooler="pgbouncer" if self.front else "", database=self.settings.database,
             user=self.settings.user, passfile=str(self.home.app_passfile),
             sslrootcert=str(tls.ca_paths(self.home)[0]), node=self.job.node,
@@ -428,7 +397,7 @@ class Serve:
         """Withdraw first, so no worker is sent here; a last backup; checkpoint; stop."""
         server = self.server
         if self.front is not None:
-            self.front.stop()  # first: no client can reach the server through it any more
+            self.front.pool.stop()  # first: no client reaches the server through it now
         if self.lease_lost:
             # Another server owns the home now: stop writing at once and touch nothing.
             if server is not None:
