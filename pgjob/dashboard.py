@@ -30,13 +30,16 @@ def require_dashboard():
     return optuna_dashboard
 
 
-def tunnel_storage(url: str):
+def tunnel_storage(url: str, pooled: bool = False):
     """An Optuna storage on a tunnel's local URL (which stays the same when the server
-    moves); pre-ping replaces connections that went to the old server."""
+    moves); pre-ping replaces connections that went to the old server. Behind pgbouncer
+    (`pooled`), psycopg must prepare no statements."""
     import optuna
 
-    return optuna.storages.RDBStorage(url, skip_table_creation=True,
-                                      engine_kwargs={"pool_pre_ping": True, "pool_size": 2})
+    kwargs = {"pool_pre_ping": True, "pool_size": 2}
+    if pooled:
+        kwargs["connect_args"] = {"prepare_threshold": None}
+    return optuna.storages.RDBStorage(url, skip_table_creation=True, engine_kwargs=kwargs)
 
 
 def _run(storage, port: int, say: Callable[[str], None]) -> None:
@@ -86,7 +89,8 @@ def serve_through(tunnel: Tunnel, *, port: int, wait: float,
     follower = threading.Thread(target=tunnel.follow, args=(stop,), daemon=True)
     follower.start()
     try:
-        _run(tunnel_storage(local.sqlalchemy_url(TUNNEL_SSLMODE)), port, say)
+        _run(tunnel_storage(local.sqlalchemy_url(TUNNEL_SSLMODE), bool(local.pooler)), port,
+             say)
     finally:
         stop.set()
         follower.join(5)
