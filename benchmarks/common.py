@@ -55,6 +55,22 @@ def server_memory_mb(postmaster_pid: int, extra_pids: tuple[int, ...] = ()) -> d
             "rss_mb": round(rss / 2**20, 1)}
 
 
+def server_cpu_s(postmaster_pid: int) -> float:
+    """CPU seconds used so far by a PostgreSQL server: the postmaster, the backends it has
+    reaped (counted in its children's times) and those still running."""
+    try:
+        postmaster = psutil.Process(postmaster_pid)
+        total = sum(postmaster.cpu_times()[:4])
+        for child in postmaster.children():
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        return 0.0
+    return total
+
+
 @dataclass
 class PgJobInstance:
     """A pgjob home in a scratch directory and a `pgjob serve` on loopback."""

@@ -18,6 +18,11 @@ def _pct(p: dict) -> str:
     return f"{p['p50']:.1f} / {p['p95']:.1f} / {p['p99']:.1f}"
 
 
+def _cpu(row: dict) -> str:
+    worker, server = row.get("worker_cpu_ms", 0), row.get("server_cpu_ms", 0)
+    return f"{worker:.1f} + {server:.1f}" if server else f"{worker:.1f}"
+
+
 def _yes(flag: bool) -> str:
     return "met" if flag else "**not met**"
 
@@ -76,6 +81,11 @@ def throughput_tables(r: dict) -> str:
                for label in labels]
         out.append(f"**{name}, per-trial latency in ms, p50 / p95 / p99:**\n\n"
                    + _table(["storage"] + [f"{n}" for n in counts], lat))
+        cpu = [[label] + [_cpu(next(x for x in mine if x["label"] == label
+                                    and x["workers"] == n)) for n in counts]
+               for label in labels]
+        out.append(f"**{name}, CPU time per trial in ms, worker processes + server:**\n\n"
+                   + _table(["storage"] + [f"{n}" for n in counts], cpu))
     return "\n".join(out)
 
 

@@ -2,8 +2,8 @@
 
 It sets up its storage, says "ready", waits for "go" on stdin (so that every worker starts
 together and no import is timed), runs its trials with a cheap objective, and prints one
-JSON line: each trial's latency (from the previous trial's end to its own end) and the
-time it ran. When the parent sends "hold" instead of "go", it waits after its trials for
+JSON line: each trial's latency (from the previous trial's end to its own end), the
+time it ran and the CPU time it used. When the parent sends "hold" instead of "go", it waits after its trials for
 "exit", keeping the storage open, so that idle connections can be counted.
 
 BACKEND: pgjob (TARGET = home), plain (TARGET = SQLAlchemy URL), sqlite (TARGET = file),
@@ -54,13 +54,15 @@ def main() -> None:
     print("ready", flush=True)
     command = sys.stdin.readline().strip()
     ends: list[float] = []
+    cpu = time.process_time()
     start = time.perf_counter()
     study.optimize(objective, n_trials=int(trials), n_jobs=n_jobs,
                    callbacks=[lambda _s, _t: ends.append(time.perf_counter())])
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     ends.sort()
     latencies = [b - a for a, b in zip([start] + ends[:-1], ends)] if n_jobs == 1 else []
-    print(json.dumps({"elapsed": elapsed, "latencies": latencies}), flush=True)
+    print(json.dumps({"elapsed": elapsed, "cpu": cpu, "latencies": latencies}), flush=True)
     if command == "hold":
         sys.stdin.readline()
 
