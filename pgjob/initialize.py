@@ -86,7 +86,7 @@ def allowed_networks(settings: Settings) -> tuple[str, ...]:
     return settings.allow or netinfo.networks()
 
 
-def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
+def _create_cluster(home: Home, settings: Settings, bindir: Path, with_schema: bool) -> None:
     tls.ensure_ca(home)
     su_password = passwords.generate()
     app_password = passwords.generate()
@@ -103,7 +103,7 @@ def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
     (home.data / "pg_hba.conf").unlink()
     write_server_conf(home, settings, conf.static_params(settings.workers),
                       allowed_networks(settings))
-    _create_role_and_database(home, settings, bindir, app_password)
+    _create_role_and_database(home, settings, bindir, app_password, with_schema)
 
 
 @contextmanager
@@ -127,7 +127,7 @@ def temporary_server(home: Home, settings: Settings, bindir: Path) -> Iterator[S
 
 
 def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
-                              app_password: str) -> None:
+                              app_password: str, with_schema: bool) -> None:
     with temporary_server(home, settings, bindir) as server, server.connect() as conn:
         role, db = sql.Identifier(settings.user), sql.Identifier(settings.database)
         conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole")
@@ -136,7 +136,8 @@ def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
         conn.execute(sql.SQL("create database {} owner {}").format(db, role))
         conn.execute(sql.SQL("revoke all on database {} from public").format(db))
         # now, not at the first serve: a study can start the moment the server is up
-        ensure_optuna_schema(server.socket_dir, server.port, settings, home.app_passfile)
+        if with_schema:
+            ensure_optuna_schema(server.socket_dir, server.port, settings, home.app_passfile)
 
 
 def _repair(home: Home, settings: Settings) -> None:
@@ -155,7 +156,9 @@ def _repair(home: Home, settings: Settings) -> None:
 
 
 def init(home_option, *, workers=None, port=None, database=None, user=None, allow=(),
-         pg_bin=None, run_as=None) -> InitResult:
+         pg_bin=None, run_as=None, with_schema=True) -> InitResult:
+    """A new home (with Optuna's tables unless `with_schema` is False: a restore brings
+    its own), or an existing one checked and repaired."""
     home = open_home(home_option, run_as or "", server=True)
     _check_target(home)
     existed = home.is_home()
@@ -176,6 +179,6 @@ def init(home_option, *, workers=None, port=None, database=None, user=None, allo
     else:
         if home.data.exists():
             shutil.rmtree(home.data)  # a half-made data directory from a failed init
-        _create_cluster(home, settings, bindir)
+        _create_cluster(home, settings, bindir, with_schema)
     home.save_settings(settings)  # last: a home counts as made only once all of it is
     return InitResult(home=home, settings=settings, created=not existed)

@@ -17,8 +17,8 @@ from .errors import BinariesNotFound
 
 def find_psql(configured: str = "") -> str:
     """psql next to the home's PostgreSQL programs, else the one on PATH."""
-    for _, directory in binaries.candidates(configured):
-        candidate = Path(directory, "psql")
+    for place in binaries.candidates(configured):
+        candidate = Path(place.directory, "psql")
         if os.access(candidate, os.X_OK):
             return str(candidate)
     found = shutil.which("psql")
