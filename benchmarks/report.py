@@ -97,14 +97,16 @@ def connections_table(r: dict) -> str:
 
 def scale_table(r: dict) -> str:
     rows = []
-    for mode, x in r["modes"].items():
+    runs = list(r["modes"].items()) + [("one worker alone (the floor)", r["floor"])]
+    for mode, x in runs:
         mem = x["server_memory"] or {}
         rows.append([mode, f"{x['connected']} / {x['workers']}", x["connect_all_s"],
                      x["trials"], x["errors"], _pct(x["latency_ms"]),
-                     mem.get("pss_mb", "?"), mem.get("processes", "?")])
+                     mem.get("pss_mb", "?"), mem.get("processes", "?"),
+                     f"{x['server_cpu_share']:.2f} + {x['generator_cpu_share']:.2f}"])
     return _table(["mode", "connected", "connecting all (s)", "trials", "errors",
                    "trial storage work ms p50 / p95 / p99", "server memory PSS (MB)",
-                   "server processes"], rows)
+                   "server processes", "cores busy: server + load generator"], rows)
 
 
 def settings_table(r: dict) -> str:

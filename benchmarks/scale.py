@@ -22,7 +22,9 @@ import time
 import psycopg
 from psycopg import AsyncConnection
 
-from common import PgJobInstance, percentiles, scratch, server_memory_mb
+import psutil
+
+from common import PgJobInstance, percentiles, scratch, server_cpu_s, server_memory_mb
 
 P95_TARGET_MS = 50.0
 CHILDREN = ("trial_values", "trial_params", "trial_intermediate_values",
@@ -149,17 +151,18 @@ class Load:
             self.latencies.append(took)
             await asyncio.sleep(max(0.0, self.period - took))
 
-    async def run(self, on_connected) -> dict:
+    async def run(self, on_connected, server_cpu) -> dict:
         gate = asyncio.Semaphore(16)
         began = time.perf_counter()
         conns = await asyncio.gather(*(self._connect(gate) for _ in range(self.workers)))
         connected = time.perf_counter() - began
         conns = [c for c in conns if c is not None]
         until = time.perf_counter() + self.duration
-        cpu = time.process_time()
+        cpu, server_before = time.process_time(), server_cpu()
         middle = asyncio.get_running_loop().call_later(
             self.duration / 2, lambda: self.__setattr__("memory", on_connected()))
         await asyncio.gather(*(self._worker(c, until) for c in conns))
+        server_s = server_cpu() - server_before
         middle.cancel()
         for conn in conns:
             await conn.close()
@@ -171,6 +174,7 @@ class Load:
                 "first_errors": sorted(set(self.errors))[:3],
                 "latency_ms": percentiles(self.latencies),
                 "generator_cpu_share": round(self.cpu_s / self.duration, 2),
+                "server_cpu_share": round(server_s / self.duration, 2),
                 "server_memory": getattr(self, "memory", None)}
 
 
@@ -188,8 +192,10 @@ def run_mode(workers: int, period: float, duration: float, pooled: bool) -> dict
         study_id = _study(instance)
         load = Load(instance.endpoint.libpq_url() + "&application_name=pgjob-scale",
                     study_id, workers, period, duration, pooled)
-        result = asyncio.run(load.run(lambda: server_memory_mb(
-            instance.endpoint.pid, instance.pooler_pids())))
+        result = asyncio.run(load.run(
+            lambda: server_memory_mb(instance.endpoint.pid, instance.pooler_pids()),
+            lambda: server_cpu_s(instance.endpoint.pid) + sum(
+                sum(psutil.Process(p).cpu_times()[:2]) for p in instance.pooler_pids())))
     result["met"] = result["errors"] == 0 and result["latency_ms"]["p95"] < P95_TARGET_MS
     return result
 
@@ -201,5 +207,7 @@ def measure(quick: bool, pooler: bool) -> dict:
     modes = {"direct": run_mode(workers, period, duration, pooled=False)}
     if pooler:
         modes["pgbouncer"] = run_mode(workers, period, duration, pooled=True)
-    return {"period_s": period, "duration_s": duration, "modes": modes,
+    # The same work with nothing else going on: one worker, one trial every 0.5 s.
+    floor = run_mode(1, 0.5, 2.0 if quick else 30.0, pooled=False)
+    return {"period_s": period, "duration_s": duration, "modes": modes, "floor": floor,
             "target": f"no errors and p95 < {P95_TARGET_MS:.0f} ms"}
