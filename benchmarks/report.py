@@ -221,3 +221,10 @@ for {results["scale"]["duration_s"]:.0f} s (see `benchmarks/scale.py` for the st
     page = out / "performance.md"
     page.write_text(md)
     return page
+
+
+if __name__ == "__main__":  # re-render the page from a run's JSON, e.g. after editing findings.md
+    import sys
+
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else HERE.parent / "docs" / "performance.json")
+    print(write(json.loads(source.read_text()), source.parent))
