@@ -9,14 +9,15 @@ on the shared filesystem, because its user list holds the password.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import logging
 
 from . import netinfo, proc
 from .cluster import log_tail
@@ -110,7 +111,7 @@ class Pooler:
     workdir: Path
     log: Path
     account: Account | None = None
-    process: object = None
+    process: subprocess.Popen | None = None
 
     def write(self, name: str, text: str) -> None:
         path = self.workdir / name
@@ -131,8 +132,6 @@ class Pooler:
 
     def listening(self, address: str, port: int, timeout: float = 15) -> bool:
         """Wait until pgbouncer accepts connections; False when it exits first."""
-        import socket
-
         def ready():
             if not self.alive():
                 return True
@@ -161,7 +160,7 @@ class Pooler:
         self.process.send_signal(signal.SIGTERM)  # immediate: serve stops clients anyway
         try:
             self.process.wait(timeout)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
 

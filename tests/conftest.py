@@ -51,17 +51,22 @@ def run_pgjob(*args: str, timeout: float = 120, env: dict | None = None,
     return done
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip for a missing part of the test rig; with CI=true, where `./dev test` provides
+    all of it, a missing part is a failure, never a skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> dict:
     """The Slurm test cluster's facts (tests/cluster/up.sh writes them); with CI=true a
     missing cluster is a failure, never a skip."""
     env_file = Path("/run/pgjob-testcluster/env")
     if not env_file.exists():
-        reason = ("no Slurm test cluster is up (tests/cluster/up.sh needs root; `./dev test` "
-                  "as root starts it)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
+        skip_unless_ci("no Slurm test cluster is up (tests/cluster/up.sh needs root; "
+                       "`./dev test` as root starts it)")
     return dict(line.split("=", 1) for line in env_file.read_text().split() if "=" in line)
 
 

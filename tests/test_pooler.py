@@ -1,6 +1,5 @@
 """pgbouncer in front of the server (pooler = "pgbouncer"): workers reach PostgreSQL only
 through it, over TLS, and it is kept alive, given rotated passwords, and stopped with serve."""
-import os
 from pathlib import Path
 
 import optuna
@@ -9,7 +8,7 @@ import psycopg
 import pytest
 
 import pgjob
-from conftest import Served, run_pgjob
+from conftest import Served, run_pgjob, skip_unless_ci
 from pgjob import pooler
 from pgjob.errors import UsageError
 from pgjob.waiting import until
@@ -21,10 +20,7 @@ POOLED = {"PGJOB_POOLER": "pgbouncer"}
 @pytest.fixture
 def pooled(home_path, tmp_path):
     if pooler.find() is None:
-        reason = "pgbouncer is not installed (`./dev test` as root installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
+        skip_unless_ci("pgbouncer is not installed (`./dev test` as root installs it)")
     served = Served(home_path, tmp_path / "serve.log", env=POOLED)
     served.endpoint()
     return served

@@ -106,7 +106,7 @@ def sshd(network):
                                        str(work / "sshd_config")), stdout=log, stderr=log)
     try:
         listening = until(lambda: subprocess.run(
-            in_netns(GW, "ss", "-Htln", f"sport = :22"), capture_output=True,
+            in_netns(GW, "ss", "-Htln", "sport = :22"), capture_output=True,
             text=True).stdout.strip(), 20, interval=0.1)
         assert listening, (work / "sshd.log").read_text()
         yield {"password": password, "log": work / "sshd.log"}
