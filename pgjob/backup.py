@@ -40,7 +40,6 @@ def dump(home: Home, bindir: Path, *, host: str, port: int, out_dir: Path | None
                   f"--dbname={conninfo(home, host=host, port=port)}"],
                  timeout=timeout, what="pg_dump failed")
         os.chmod(partial, 0o600)
-        home.give(partial)
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)

@@ -9,7 +9,8 @@ import click
 
 from . import __version__, endpoint, health
 from .errors import PgJobError
-from .home import open_home
+from .home import Home
+from .privilege import enter, enter_as
 
 HOME_HELP = "Instance home (default: $PGJOB_HOME, else ~/.pgjob/default)."
 
@@ -23,6 +24,12 @@ class Group(click.Group):
         except PgJobError as exc:
             click.echo(f"pgjob: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+
+
+def open_home(home, run_as: str = "", *, create: bool = False) -> Home:
+    """The door every command goes through: started as root, pgjob becomes the home's
+    account here, before anything touches the home (privilege.py)."""
+    return Home(enter(home, run_as, create=create))
 
 
 def home_option(f):
@@ -47,12 +54,13 @@ def main() -> None:
               help="Network allowed to connect; repeatable (default: the serving node's networks).")
 @click.option("--pg-bin", envvar="PGJOB_PG_BIN", type=click.Path(),
               help="Folder holding initdb and postgres.")
-@click.option("--run-as", help="As root: the account PostgreSQL runs as (default postgres).")
+@click.option("--run-as", help="As root: the account a new home belongs to and PostgreSQL "
+              "runs as (default postgres); an existing home runs as its owner.")
 def init(home, **options) -> None:
     """Create an instance home, or check and repair an existing one (data is kept)."""
     from .initialize import init as do_init
 
-    result = do_init(home, **options)
+    result = do_init(open_home(home, options["run_as"] or "", create=True).path, **options)
     verb = "created" if result.created else "checked and repaired"
     click.echo(f"pgjob home {verb}: {result.home.path}")
     click.echo(f"next: `pgjob serve --home {result.home.path}` (or sbatch "
@@ -63,7 +71,8 @@ def init(home, **options) -> None:
 @home_option
 @click.option("--host", default="", help="Address to publish and listen on (default: this node's cluster address).")
 @click.option("--interface", default="", help="Network interface whose address to use, e.g. ib0.")
-@click.option("--run-as", default="", help="As root: the account PostgreSQL runs as.")
+@click.option("--run-as", default="", help="As root: the home's owner, which pgjob and "
+              "PostgreSQL then run as (the default).")
 @click.option("--health-interval", default=5.0, show_default=True, help="Seconds between health checks.")
 @click.option("--renew/--no-renew", default=False, show_default=True,
               help="Under Slurm, PBS or LSF: queue the next serve job, which takes over when this one ends.")
@@ -71,7 +80,8 @@ def serve(home, **options) -> None:
     """Run the server in the foreground until stopped (the body of a batch job)."""
     from .serve import serve as do_serve
 
-    sys.exit(do_serve(home, **options))
+    path = open_home(home, options.pop("run_as")).path
+    sys.exit(do_serve(path, **options))
 
 
 @main.command()
@@ -104,7 +114,7 @@ def stop(home, wait) -> None:
     """Ask the serving process to stop cleanly (works from any node that sees the home)."""
     from .serve import request_stop
 
-    if request_stop(home, wait):
+    if request_stop(open_home(home).path, wait):
         click.echo("pgjob: stopped")
     elif wait:
         raise PgJobError(f"the server was asked to stop but still runs after {wait:.0f} s; "
@@ -153,7 +163,8 @@ def restore(dump_file, home, **options) -> None:
     """Make a new home (as `pgjob init` does) holding the studies of a backup."""
     from .backup import restore_new_home
 
-    made = restore_new_home(dump_file, home, **options)
+    target = open_home(home, options["run_as"] or "", create=True).path
+    made = restore_new_home(dump_file, target, **options)
     click.echo(f"restored {dump_file} into the new home {made.path}; serve it with "
                f"`pgjob serve --home {made.path}` or `pgjob submit --home {made.path}`")
 
@@ -184,7 +195,9 @@ def demo(workers, trials, keep) -> None:
     """Show the whole flow on this machine: init, serve, workers, status, stop."""
     from .demo import run_demo
 
-    sys.exit(run_demo(workers=workers, trials=trials, keep=keep, say=click.echo))
+    account = enter_as()
+    sys.exit(run_demo(workers=workers, trials=trials, keep=keep, say=click.echo,
+                      started_as_root_for=account.name if account else ""))
 
 
 @main.command()

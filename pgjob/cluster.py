@@ -12,7 +12,6 @@ import psycopg
 
 from . import proc
 from .errors import CommandFailed, ServerFailed
-from .proc import Account
 from .waiting import until
 
 # pg_controldata prints these in English only under the C locale.
@@ -27,19 +26,18 @@ def log_tail(log: Path, lines: int = 20) -> str:
         return ""
 
 
-def initdb(bindir: Path, data: Path, *, superuser: str, pwfile: Path,
-           account: Account | None) -> None:
+def initdb(bindir: Path, data: Path, *, superuser: str, pwfile: Path) -> None:
     """A new cluster: UTF8 with the C locale (so no job's environment can break it),
     scram-sha-256 for every connection, and a generated superuser password."""
     proc.run([bindir / "initdb", "-D", data, "--encoding=UTF8", "--no-locale",
               f"--username={superuser}", f"--pwfile={pwfile}",
               "--auth-local=scram-sha-256", "--auth-host=scram-sha-256"],
-             timeout=300, what="initdb failed", account=account, env=C_ENV)
+             timeout=300, what="initdb failed", env=C_ENV)
 
 
-def controldata(bindir: Path, data: Path, account: Account | None) -> dict[str, str]:
+def controldata(bindir: Path, data: Path) -> dict[str, str]:
     out = proc.run([bindir / "pg_controldata", "-D", data], timeout=30,
-                   what="pg_controldata failed", account=account, env=C_ENV)
+                   what="pg_controldata failed", env=C_ENV)
     fields = {}
     for line in out.splitlines():
         key, sep, value = line.partition(":")
@@ -48,9 +46,9 @@ def controldata(bindir: Path, data: Path, account: Account | None) -> dict[str, 
     return fields
 
 
-def cluster_state(bindir: Path, data: Path, account: Account | None) -> str:
+def cluster_state(bindir: Path, data: Path) -> str:
     """'shut down', 'in production', ...: what PostgreSQL itself says of the data directory."""
-    return controldata(bindir, data, account).get("Database cluster state", "unknown")
+    return controldata(bindir, data).get("Database cluster state", "unknown")
 
 
 def connect(*, host: str, port: int, user: str, dbname: str, passfile: Path,
@@ -71,13 +69,11 @@ class Server:
     port: int
     superuser: str
     passfile: Path
-    account: Account | None = None
     process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> None:
-        with open(self.log, "a") as out:
-            self.process = proc.spawn([self.bindir / "postgres", "-D", self.data],
-                                      output=out, account=self.account, env=C_ENV)
+        self.process = proc.spawn([self.bindir / "postgres", "-D", self.data], log=self.log,
+                                  env=C_ENV)
         if not until(self._ready_or_dead, timeout, interval=0.02):
             self.stop()
             raise CommandFailed(f"PostgreSQL did not accept connections within {timeout:.0f} s",
@@ -145,7 +141,7 @@ class Server:
 SOCKET_PATH_MAX = 107  # sun_path, less the terminating NUL
 
 
-def private_socket_dir(account: Account | None) -> Path:
+def private_socket_dir() -> Path:
     """A fresh node-local directory (0700) for the server's Unix socket.
 
     Sockets on NFS do not work, and a socket path over 107 bytes cannot be bound, so this
@@ -153,14 +149,11 @@ def private_socket_dir(account: Account | None) -> Path:
     """
     import tempfile
 
-    uid = account.uid if account else os.geteuid()
+    uid = os.geteuid()
     bases = [os.environ.get("TMPDIR", ""), "/tmp"]
     for base in filter(None, bases):
-        if not os.path.isdir(base) or len(base) + 40 > SOCKET_PATH_MAX:
+        if not os.access(base, os.W_OK | os.X_OK) or len(base) + 40 > SOCKET_PATH_MAX:
             continue
-        path = Path(tempfile.mkdtemp(prefix=f"pgjob-{uid}-", dir=base))
-        if account is not None:
-            os.chown(path, account.uid, account.gid)
-        return path
+        return Path(tempfile.mkdtemp(prefix=f"pgjob-{uid}-", dir=base))
     raise ServerFailed("no node-local directory for the server socket: $TMPDIR and /tmp "
-                       "are missing or their paths are too long; set TMPDIR to a short path")
+                       "are missing, not writable by you, or their paths are too long; set TMPDIR to a short path")

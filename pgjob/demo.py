@@ -5,7 +5,6 @@ through pgjob, a short study, the status, and a clean stop.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from typing import Callable
 
 from . import binaries, endpoint, health
 from .cluster import cluster_state
-from .home import choose_account, open_home
+from .home import open_home
 from .initialize import init
 from .serve import request_stop
 
@@ -44,18 +43,18 @@ def _pgjob(*args: str) -> list[str]:
     return [sys.executable, "-m", "pgjob", *args]
 
 
-def run_demo(*, workers: int, trials: int, keep: bool, say: Callable[[str], None]) -> int:
+def run_demo(*, workers: int, trials: int, keep: bool, say: Callable[[str], None],
+             started_as_root_for: str = "") -> int:
+    """The demo, as the current user (`started_as_root_for`: the account pgjob, started
+    as root, has become)."""
     base = Path(tempfile.mkdtemp(prefix="pgjob-demo-"))
-    account = choose_account(base)  # as root: the account PostgreSQL will run as
-    if account is not None:
-        os.chown(base, account.uid, account.gid)
     home_path = base / "home"
     serve_log = base / "serve.log"
     say(f"1. pgjob init --home {home_path} --allow 127.0.0.1/32")
-    init(home_path, allow=("127.0.0.1/32",), workers=max(workers, 4),
-         run_as=account.name if account else None)
+    init(home_path, allow=("127.0.0.1/32",), workers=max(workers, 4))
     say(f"   PostgreSQL from {binaries.find()}"
-        + (f", running as {account.name} (pgjob runs as root)" if account else ""))
+        + (f", running as {started_as_root_for} (pgjob runs as root)"
+           if started_as_root_for else ""))
     say("2. pgjob serve --host 127.0.0.1 &   (in a batch job: sbatch jobscripts/pgjob-serve.sh)")
     with open(serve_log, "w") as out:
         server = subprocess.Popen(_pgjob("serve", "--home", str(home_path), "--host",
@@ -80,7 +79,7 @@ def run_demo(*, workers: int, trials: int, keep: bool, say: Callable[[str], None
         say("6. pgjob stop --wait 60")
         stopped = request_stop(home_path, wait=60)
         server.wait(30)
-    state = cluster_state(binaries.find(home.settings().pg_bin), home.data, account)
+    state = cluster_state(binaries.find(home.settings().pg_bin), home.data)
     say(f"   server stopped: {stopped}; pg_controldata says: {state}")
     ok = ok and stopped and state == "shut down" and server.returncode == 0
     if not ok:

@@ -1,22 +1,20 @@
 """The instance home on the shared filesystem: its layout, its files' modes, pgjob's settings.
 
-Everything pgjob writes into a home goes through `Home.write`, which writes atomically,
-sets the mode, and, when pgjob runs as root on behalf of another account, hands the file
-to the home's owner.
+Everything pgjob writes into a home goes through `Home.write`, which writes atomically
+with the final mode. pgjob started as root has already become the home's account (see
+privilege.py), so nothing here acts for anybody else.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import pwd
 import stat
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .proc import Account
 
 try:
     import tomllib
@@ -24,7 +22,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 SETTINGS_NAME = "pgjob.toml"
-DEFAULT_RUN_AS = "postgres"
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,6 @@ def resolve_path(option: str | os.PathLike | None) -> Path:
 @dataclass
 class Home:
     path: Path
-    owner: Account | None = field(default=None)
 
     # The layout, in one place.
     @property
@@ -180,20 +176,27 @@ class Home:
         self.write(self.settings_file, settings.to_toml())
 
     def mkdir(self, path: Path, mode: int = 0o700) -> None:
-        path.mkdir(mode=mode, parents=False, exist_ok=True)
+        """One of the home's own folders, with `mode`; a link or a file in its place is
+        refused, never followed."""
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise UsageError(f"{path} is not a folder (a link or a file stands there); pgjob "
+                             "keeps its own folder at that place: move it away, then run "
+                             "`pgjob init` again")
         os.chmod(path, mode)
-        self.give(path)
 
     def write(self, path: Path, text: str, mode: int = 0o600) -> None:
         """Replace `path` atomically: temp file in the same directory, fsync, rename."""
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
+            os.fchmod(fd, mode)  # its final mode before a byte is in it
             with os.fdopen(fd, "w") as out:
                 out.write(text)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, mode)
-            self.give(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -205,50 +208,12 @@ class Home:
             os.close(dir_fd)
 
     def ensure_file(self, path: Path, mode: int = 0o600) -> Path:
-        """Create `path` empty if it is missing (a log, say), owned like the rest of the home."""
+        """Create `path` empty if it is missing (a log, say)."""
         if not path.exists():
             self.write(path, "", mode)
         return path
 
-    def give(self, path: Path) -> None:
-        if self.owner is not None and self.owner.uid != os.geteuid():
-            os.chown(path, self.owner.uid, self.owner.gid)
 
-
-def choose_account(path: Path, run_as: str = "") -> Account | None:
-    """The account PostgreSQL runs as: None (ourselves) unless pgjob runs as root.
-
-    PostgreSQL refuses to run as root. As root we run its programs as `run_as`, else the
-    owner of an existing home, else the distribution's `postgres` account.
-    """
-    if os.geteuid() != 0:
-        return None
-    name = run_as
-    if not name and path.exists() and path.stat().st_uid != 0:
-        name = pwd.getpwuid(path.stat().st_uid).pw_name
-    name = name or DEFAULT_RUN_AS
-    try:
-        account = Account.named(name)
-    except KeyError:
-        raise UsageError(
-            "PostgreSQL refuses to run as root, and there is no account "
-            f"{name!r} to run it as; create one (useradd -m pgjob) and pass "
-            "--run-as pgjob, or run pgjob as a normal user") from None
-    if account.uid == 0:
-        raise UsageError(f"--run-as {name} is root; PostgreSQL refuses to run as root: "
-                         "name an unprivileged account")
-    return account
-
-
-def open_home(option: str | os.PathLike | None, run_as: str = "", *,
-              server: bool = False) -> Home:
-    """The home for a command; for commands that run PostgreSQL (`server`), with the
-    account that owns its files when we are root."""
-    path = resolve_path(option)
-    home = Home(path)
-    if server and os.geteuid() == 0:
-        configured = run_as
-        if not configured and home.is_home():
-            configured = home.settings().run_as
-        home.owner = choose_account(path, configured)
-    return home
+def open_home(option: str | os.PathLike | None) -> Home:
+    """The home named by --home, $PGJOB_HOME or the default."""
+    return Home(resolve_path(option))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +14,6 @@ from . import binaries, conf, netinfo, passwords, tls
 from .cluster import Server, initdb, private_socket_dir
 from .errors import UsageError
 from .home import Home, Settings, open_home
-from .proc import Account
 from .schema import ensure_optuna_schema
 
 
@@ -41,21 +39,6 @@ def _check_target(home: Home) -> None:
     if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
         raise UsageError(f"cannot create {path}: {parent} is not writable by you; "
                          "choose a --home under a directory you own (on the shared filesystem)")
-    if home.owner is not None:
-        _check_reachable(path, home.owner)
-
-
-def _check_reachable(path: Path, account: Account) -> None:
-    """As root, make sure the account the server runs as can reach the home at all."""
-    for ancestor in reversed(path.parents):
-        st = ancestor.stat()
-        bits = (stat.S_IXUSR if st.st_uid == account.uid else
-                stat.S_IXGRP if st.st_gid == account.gid else stat.S_IXOTH)
-        if not st.st_mode & bits:
-            raise UsageError(
-                f"the server runs as {account.name}, who cannot enter {ancestor}; choose a "
-                f"--home that {account.name} can reach (e.g. under /var/tmp or its own home "
-                "directory), or run pgjob as that user")
 
 
 def merged_settings(home: Home, **options) -> Settings:
@@ -95,8 +78,7 @@ def _create_cluster(home: Home, settings: Settings, bindir: Path, with_schema: b
     pwfile = home.secrets / "initdb.pw"
     home.write(pwfile, su_password + "\n")
     try:
-        initdb(bindir, home.data, superuser=settings.superuser, pwfile=pwfile,
-               account=home.owner)
+        initdb(bindir, home.data, superuser=settings.superuser, pwfile=pwfile)
     finally:
         pwfile.unlink(missing_ok=True)
     # initdb's own pg_hba defaults allow more than we promise: start from our block alone.
@@ -109,10 +91,10 @@ def _create_cluster(home: Home, settings: Settings, bindir: Path, with_schema: b
 @contextmanager
 def temporary_server(home: Home, settings: Settings, bindir: Path) -> Iterator[Server]:
     """The home's server on a private Unix socket only, for set-up work (no TCP at all)."""
-    socket_dir = private_socket_dir(home.owner)
+    socket_dir = private_socket_dir()
     server = Server(bindir=bindir, data=home.data, log=home.ensure_file(home.server_log),
                     socket_dir=socket_dir, port=settings.port, superuser=settings.superuser,
-                    passfile=home.superuser_passfile, account=home.owner)
+                    passfile=home.superuser_passfile)
     home.write(home.data / "pgjob.conf", conf.render_conf(
         {**conf.static_params(settings.workers), "port": settings.port,
          "unix_socket_directories": str(socket_dir)}))
@@ -159,7 +141,7 @@ def init(home_option, *, workers=None, port=None, database=None, user=None, allo
          pg_bin=None, run_as=None, with_schema=True) -> InitResult:
     """A new home (with Optuna's tables unless `with_schema` is False: a restore brings
     its own), or an existing one checked and repaired."""
-    home = open_home(home_option, run_as or "", server=True)
+    home = open_home(home_option)
     _check_target(home)
     existed = home.is_home()
     settings = merged_settings(home, workers=workers, port=port, database=database,

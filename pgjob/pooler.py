@@ -24,7 +24,6 @@ from .cluster import log_tail
 from .errors import ServerFailed, UsageError
 from .home import Home, Settings
 from .initialize import allowed_networks
-from .proc import Account
 from .waiting import until
 
 log = logging.getLogger("pgjob.pooler")
@@ -110,7 +109,6 @@ class Pooler:
     binary: Path
     workdir: Path
     log: Path
-    account: Account | None = None
     process: subprocess.Popen | None = None
 
     def write(self, name: str, text: str) -> None:
@@ -122,13 +120,9 @@ class Pooler:
         # size changed: a rotated password has the same length, maybe the same second.
         stamp = max(int(time.time()), before + 1)
         os.utime(path, (stamp, stamp))
-        if self.account is not None:
-            os.chown(path, self.account.uid, self.account.gid)
 
     def start(self) -> None:
-        with open(self.log, "a") as out:
-            self.process = proc.spawn([self.binary, self.workdir / "pgbouncer.ini"],
-                                      output=out, account=self.account)
+        self.process = proc.spawn([self.binary, self.workdir / "pgbouncer.ini"], log=self.log)
 
     def listening(self, address: str, port: int, timeout: float = 15) -> bool:
         """Wait until pgbouncer accepts connections; False when it exits first."""

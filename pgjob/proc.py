@@ -5,43 +5,31 @@ CommandFailed carrying the command, exit code, output and, when given, the serve
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import pwd
-import signal
 import subprocess
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import IO, Callable
+from typing import Callable
 
 from .errors import CommandFailed
 
-_PR_SET_PDEATHSIG = 1
+# A long-running child (the postmaster, pgbouncer) must die with serve, not live on as an
+# orphan that holds the data directory. Linux's parent-death signal does that, but setting
+# it needs code between fork and exec, and preexec_fn is unsafe in a process with threads
+# (serve has backup and heartbeat threads). So the child starts as this tiny Python, which
+# asks for SIGINT (PostgreSQL's fast shutdown) on its parent's death, makes sure the parent
+# did not die already, and replaces itself with the program (the setting survives exec).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG\n"
+    "os.getppid() == int(sys.argv[1]) or sys.exit(70)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-@dataclass(frozen=True)
-class Account:
-    """An OS account that PostgreSQL programs run as when pgjob itself runs as root."""
-
-    name: str
-    uid: int
-    gid: int
-
-    @classmethod
-    def named(cls, name: str) -> "Account":
-        entry = pwd.getpwnam(name)
-        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
-
-
-def _user_kwargs(account: Account | None) -> dict:
-    if account is None or account.uid == os.geteuid():
-        return {}
-    return {"user": account.uid, "group": account.gid, "extra_groups": []}
-
-
-def run(argv: list[str], *, timeout: float, what: str, account: Account | None = None,
-        env: dict[str, str] | None = None, log_tail: Callable[[], str] | None = None,
-        cwd: str | Path | None = None, stdin_text: str | None = None) -> str:
+def run(argv: list[str], *, timeout: float, what: str, env: dict[str, str] | None = None,
+        log_tail: Callable[[], str] | None = None, cwd: str | Path | None = None,
+        stdin_text: str | None = None) -> str:
     """Run a program to completion and return its combined output.
 
     `what` names the step for the error message ("initdb failed: ..."); `stdin_text`, when
@@ -51,8 +39,7 @@ def run(argv: list[str], *, timeout: float, what: str, account: Account | None =
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               input=stdin_text, text=True, timeout=timeout, env=env,
-                              cwd=cwd or "/",
-                              **_user_kwargs(account))
+                              cwd=cwd or "/")
     except subprocess.TimeoutExpired as exc:
         out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output
         raise CommandFailed(f"{what}: no answer after {timeout:.0f} s", argv=argv,
@@ -68,26 +55,27 @@ def run(argv: list[str], *, timeout: float, what: str, account: Account | None =
     return done.stdout
 
 
-def _die_with_parent() -> None:
-    # If pgjob serve is killed outright, the postmaster gets SIGINT (fast shutdown)
-    # instead of living on as an orphan that holds the data directory.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
-    os.setpgrp()
+def spawn(argv: list[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a long-running child (the postmaster) that dies with its parent, its output
+    appended to `log`.
 
-
-def spawn(argv: list[str], *, output: IO, account: Account | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a long-running child (the postmaster) that dies with its parent.
-
-    The child gets its own process group so a Ctrl-C in a terminal reaches pgjob,
-    which then shuts the server down in order, rather than reaching both at once.
+    The child gets a session of its own, so a Ctrl-C in a terminal reaches pgjob, which
+    then shuts the server down in order, rather than reaching both at once.
     """
     argv = [str(a) for a in argv]
+    trampoline = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
-                                stderr=subprocess.STDOUT, env=env, cwd="/",
-                                preexec_fn=_die_with_parent, **_user_kwargs(account))
+        output = open(log, "a")
+    except OSError as exc:
+        raise CommandFailed(f"could not start {Path(argv[0]).name}: cannot write its log "
+                            f"{log}: {exc.strerror}; check that file (it must be a file of "
+                            "yours, not a link elsewhere), or move it away and try again",
+                            argv=argv, returncode=None) from None
+    try:
+        with output:
+            return subprocess.Popen(trampoline, stdin=subprocess.DEVNULL, stdout=output,
+                                    stderr=subprocess.STDOUT, env=env, cwd="/",
+                                    start_new_session=True)
     except OSError as exc:
         raise CommandFailed(f"could not start {argv[0]}: {exc.strerror}", argv=argv,
                             returncode=None) from None

@@ -137,7 +137,7 @@ class Serve:
         self._install_signals()
         self.lease = lease.acquire(home, job.job_id)
         self.address = netinfo.address(self.host, self.interface)
-        socket_dir = private_socket_dir(home.owner)
+        socket_dir = private_socket_dir()
         try:
             self._write_record()
             note = set_aside_stale_pidfile(home.data)
@@ -190,7 +190,7 @@ class Serve:
             self.server = Server(bindir=self.bindir, data=home.data,
                                  log=home.ensure_file(home.server_log), socket_dir=socket_dir,
                                  port=port, superuser=settings.superuser,
-                                 passfile=home.superuser_passfile, account=home.owner)
+                                 passfile=home.superuser_passfile)
             try:
                 self.server.start()
                 return
@@ -210,12 +210,11 @@ class Serve:
         self.server = Server(bindir=self.bindir, data=home.data,
                              log=home.ensure_file(home.server_log), socket_dir=socket_dir,
                              port=settings.port, superuser=settings.superuser,
-                             passfile=home.superuser_passfile, account=home.owner)
+                             passfile=home.superuser_passfile)
         self.server.start()
         self.front = pooler.Front(
             pooler.Pooler(binary=self.pooler_bin, workdir=socket_dir,
-                          log=home.ensure_file(home.logs / "pgbouncer.log"),
-                          account=home.owner),
+                          log=home.ensure_file(home.logs / "pgbouncer.log")),
             home=home, settings=settings, address=self.address, pg_port=settings.port)
         self.front.launch(settings.port)
 
@@ -415,7 +414,7 @@ class Serve:
                 self._backup(timeout=60)
                 server.checkpoint()
             server.stop()
-            state = cluster_state(self.bindir, self.home.data, self.home.owner)
+            state = cluster_state(self.bindir, self.home.data)
             if state == "shut down":
                 log.info("PostgreSQL stopped cleanly (pg_controldata: shut down)")
             else:
@@ -428,9 +427,9 @@ class Serve:
                 log.warning("could not release the lease (%s); it expires by itself", exc)
 
 
-def serve(home_option, *, host: str = "", interface: str = "", run_as: str = "",
+def serve(home_option, *, host: str = "", interface: str = "",
           health_interval: float = 5.0, renew: bool = False) -> int:
-    home = open_home(home_option, run_as, server=True).require()
+    home = open_home(home_option).require()
     return Serve(home, host=host, interface=interface, health_interval=health_interval,
                  renew=renew).run()
 

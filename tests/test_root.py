@@ -16,9 +16,10 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def reachable_dir():
-    """A directory the postgres account can reach (pytest's own tmp is root-only)."""
+    """A directory where the postgres account can make its home, like /tmp (pytest's own
+    tmp is root-only, and pgjob as root makes no folder for another account)."""
     path = Path(tempfile.mkdtemp(prefix="pgjob-root-", dir="/var/tmp"))
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o1777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -60,7 +61,7 @@ def test_a_home_the_account_cannot_reach_is_refused_before_initdb(tmp_path):
 def small_disk():
     """A 200 MB filesystem of its own (tmpfs), so that filling it harms nothing else."""
     path = Path(tempfile.mkdtemp(prefix="pgjob-disk-", dir="/var/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,mode=0755", "tmpfs", str(path)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,mode=1777", "tmpfs", str(path)],
                    check=True)
     yield path
     subprocess.run(["umount", "-l", str(path)], check=False)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.pg
 
 def controldata_state(home_path):
     settings = open_home(home_path).settings()
-    return cluster_state(binaries.find(settings.pg_bin), home_path / "data", None)
+    return cluster_state(binaries.find(settings.pg_bin), home_path / "data")
 
 
 def test_psql_connects_with_the_printed_url_and_no_password(server, home_path, tmp_path):

@@ -90,7 +90,7 @@ def postmasters_of(home: Path) -> list[psutil.Process]:
 
 def controldata_state(home: Path) -> str:
     bindir = binaries.find(open_home(home).settings().pg_bin)
-    return cluster_state(bindir, home / "data", None)
+    return cluster_state(bindir, home / "data")
 
 
 # Heartbeats and grace short enough for a test; the defaults are 30 s and 120 s.

@@ -144,7 +144,7 @@ class NodeServer:
 @pytest.fixture(scope="module")
 def node_server(network):
     work = Path(tempfile.mkdtemp(prefix="pgjt-home-", dir="/var/tmp"))
-    os.chmod(work, 0o755)
+    os.chmod(work, 0o1777)  # pgjob as root acts as postgres, which makes its home here
     home = work / "home"
     run_pgjob("init", "--home", str(home), "--allow", "10.77.214.0/24", check=True)
     served = NodeServer(home, work / "serve.log")
@@ -155,8 +155,13 @@ def node_server(network):
 
 
 @pytest.fixture
-def known_hosts(tmp_path):
-    return tmp_path / "known_hosts"
+def known_hosts():
+    """Where ssh keeps the gateway's key: writable by postgres, which pgjob started as
+    root acts as (pytest's tmp is root-only)."""
+    work = Path(tempfile.mkdtemp(prefix="pgjt-known-", dir="/var/tmp"))
+    os.chmod(work, 0o1777)
+    yield work / "known_hosts"
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def tunnel_cmd(home: Path, known_hosts: Path, *extra: str) -> list[str]:
