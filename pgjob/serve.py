@@ -21,7 +21,7 @@ from typing import Callable
 import psutil
 
 from . import backup, binaries, conf, endpoint, lease, netinfo, pooler, scheduler, submit, tls
-from .cluster import Server, cluster_state, log_tail, private_socket_dir
+from .cluster import Server, cluster_state, connect, log_tail, private_socket_dir
 from .endpoint import Endpoint
 from .errors import AlreadyServing, LeaseLost, PgJobError, ServerFailed
 from .home import Home, open_home
@@ -232,7 +232,11 @@ class Serve:
         with self.server.connect() as conn:
             ident = conn.execute(
                 "select system_identifier::text from pg_control_system()").fetchone()[0]
-        with self.server.connect(self.settings.database) as conn:
+        # The study database is the application role's: its tables, triggers and defaults
+        # are code that role wrote, so only the role itself works there, never the superuser.
+        with connect(host=str(self.server.socket_dir), port=self.server.port,
+                     user=self.settings.user, dbname=self.settings.database,
+                     passfile=self.home.app_passfile) as conn:
             refreshed = refresh_heartbeats(conn)
         if refreshed:
             log.info("gave %d running trials a fresh heartbeat after the restart", refreshed)
