@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from pgjob import conf, home, pooler
+from pgjob import conf, home, netinfo, pooler
 from pgjob.errors import UsageError
 from pgjob.home import Home, Settings
 from pgjob.initialize import merged_settings
@@ -201,3 +201,11 @@ def test_pgbouncer_hba_quotes_names_the_same_way():
     assert hba.splitlines()[:2] == ['hostssl "optuna" "app" 10.1.0.0/16 scram-sha-256',
                                     'hostssl "optuna" "app" ::1/128 scram-sha-256']
 
+
+# serve --host
+
+def test_serve_host_must_be_an_ipv4_address():
+    assert netinfo.address(host="10.1.2.3") == "10.1.2.3"
+    for name in ("localhost", "node7", "10.1.2", "::1", "10.1.2.3 ", "010.1.2.3"):
+        with pytest.raises(UsageError, match=r"^--host .* is not an IPv4 address"):
+            netinfo.address(host=name)
