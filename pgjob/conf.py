@@ -5,11 +5,8 @@ A user's own edits to postgresql.conf and pg_hba.conf outside these pieces survi
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-
-from .errors import UsageError
 
 HEADER = "# managed by pgjob: rewritten by `pgjob init` and at every `pgjob serve`; edits here are lost\n"
 INCLUDE_LINE = "include_if_exists = 'pgjob.conf'  # added by pgjob"
@@ -89,13 +86,22 @@ class Access:
     networks: tuple[str, ...]
 
 
+def hba_name(name: str) -> str:
+    """A database or role name as pg_hba.conf (and pgbouncer's hba file) take it literally:
+    double-quoted, a quote inside doubled, so no keyword (all, replication, ...) or prefix
+    (+, @, /) applies. The name itself was checked where settings enter (home.Settings)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def hba_block(access: Access) -> str:
     """Our pg_hba lines: the app role over TLS from the allowed networks, the superuser only
     over the Unix socket, scram-sha-256 everywhere, and everything else rejected."""
-    rows = [("local", "all", access.superuser, "", AUTH),
-            ("local", access.database, access.user, "", AUTH)]
+    db, user, superuser = (hba_name(n) for n in (access.database, access.user,
+                                                 access.superuser))
+    rows = [("local", "all", superuser, "", AUTH),
+            ("local", db, user, "", AUTH)]
     for net in access.networks:  # TLS only: a plain-text connection matches no line here
-        rows.append(("hostssl", access.database, access.user, net, AUTH))
+        rows.append(("hostssl", db, user, net, AUTH))
     rows += [("local", "all", "all", "", "reject"),
              ("host", "all", "all", "0.0.0.0/0", "reject"),
              ("host", "all", "all", "::/0", "reject")]
@@ -120,12 +126,3 @@ def merge_hba(existing: str | None, block: str) -> str:
     except StopIteration:
         return block + "".join(lines)
     return "".join(lines[:start]) + block + "".join(lines[end + 1:])
-
-
-def normalize_network(text: str) -> str:
-    """A CIDR as PostgreSQL wants it; a bare address becomes a single-host network."""
-    try:
-        return str(ipaddress.ip_network(text.strip(), strict=False))
-    except ValueError:
-        raise UsageError(f"--allow {text!r} is not a network; give one like 10.1.0.0/16 "
-                         "or a single address like 10.1.2.3") from None

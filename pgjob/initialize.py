@@ -42,14 +42,13 @@ def _check_target(home: Home) -> None:
 
 
 def merged_settings(home: Home, **options) -> Settings:
-    """Existing settings with the options that were given on this command line."""
-    base = home.settings() if home.is_home() else Settings()
-    given = {k: v for k, v in options.items() if v not in (None, ())}
-    if "allow" in given:
-        given["allow"] = tuple(conf.normalize_network(n) for n in given["allow"])
-    if given.get("workers", 1) < 1 or not 0 < given.get("port", 1) < 65536:
-        raise UsageError("--workers must be at least 1 and --port between 1 and 65535")
-    return replace(base, **given)
+    """The home's settings (pgjob.toml, PGJOB_<NAME>) with the options given on this
+    command line on top, all checked together by Settings.from_mapping."""
+    values, sources = home.raw_settings()
+    for name, value in options.items():
+        if value not in (None, ()):
+            values[name], sources[name] = value, "--" + name.replace("_", "-")
+    return Settings.from_mapping(values, sources)
 
 
 def write_server_conf(home: Home, settings: Settings, params: dict, networks: tuple[str, ...]):
@@ -145,12 +144,12 @@ def init(home_option, *, workers=None, port=None, database=None, user=None, allo
     _check_target(home)
     existed = home.is_home()
     settings = merged_settings(home, workers=workers, port=port, database=database,
-                               user=user, allow=tuple(allow), run_as=run_as)
+                               user=user, allow=tuple(allow), run_as=run_as, pg_bin=pg_bin)
     if existed and (database or user) and (settings.database, settings.user) != (
             home.settings().database, home.settings().user):
         raise UsageError("--database and --user cannot change on an existing home; "
                          "create a new home for a new database")
-    bindir = binaries.find(pg_bin or settings.pg_bin)
+    bindir = binaries.find(settings.pg_bin)
     settings = replace(settings, pg_bin=str(bindir))
     home.path.mkdir(parents=True, exist_ok=True)
     home.mkdir(home.path)

@@ -39,7 +39,7 @@ def address(host: str = "", interface: str = "") -> str:
     Only with no network at all is loopback used.
     """
     if host:
-        return host
+        return host_address(host)
     ifaces = _interfaces()
     if interface:
         if interface not in ifaces:
@@ -56,6 +56,17 @@ def address(host: str = "", interface: str = "") -> str:
     # Container and VM bridges are rarely what other nodes reach us by.
     ranked = sorted(ifaces, key=lambda n: n.startswith(_VIRTUAL))
     return str(ifaces[ranked[0]][0].ip) if ranked else "127.0.0.1"
+
+
+def host_address(host: str) -> str:
+    """--host as the IPv4 address it must be: serve listens on it, publishes it and puts
+    it in the server's certificate, and a name could resolve elsewhere on another node."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        raise UsageError(f"--host {host!r} is not an IPv4 address; give the address other "
+                         "nodes reach this one by (e.g. --host 10.1.2.3), or --interface "
+                         "NAME (e.g. ib0) to use that interface's address") from None
 
 
 def pick_port(address: str, wanted: int) -> int:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import netinfo, proc
+from . import conf, netinfo, proc
 from .cluster import log_tail
 from .errors import ServerFailed, UsageError
 from .home import Home, Settings
@@ -28,15 +28,12 @@ from .waiting import until
 
 log = logging.getLogger("pgjob.pooler")
 
-KINDS = ("", "none", "pgbouncer")
 SEARCH = ("/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer", "/usr/local/bin/pgbouncer")
 SERVER_POOL = 20  # server connections per database/user pair: enough for 2 cores' worth
 
 
 def wanted(kind: str) -> bool:
-    if kind not in KINDS:
-        raise UsageError(f"setting pooler = {kind!r} is not known; use \"pgbouncer\" or leave "
-                         "it empty (in pgjob.toml or PGJOB_POOLER)")
+    """Whether the `pooler` setting (checked where settings enter) asks for pgbouncer."""
     return kind == "pgbouncer"
 
 
@@ -76,7 +73,8 @@ def _quote_ini(text: str) -> str:
 def render_ini(*, listen: str, port: int, pg_socket_dir: Path, pg_port: int, database: str,
                workdir: Path, cert: Path, key: Path, max_clients: int) -> str:
     """pgbouncer.ini: TLS required, the hba file decides who may connect, transaction
-    pooling onto PostgreSQL's Unix socket."""
+    pooling onto PostgreSQL's Unix socket. `database` goes in bare: the settings admit
+    only names of letters, digits and '_', which pgbouncer reads without quoting."""
     lines = {
         "listen_addr": listen, "listen_port": port, "unix_socket_dir": "",
         "auth_type": "hba", "auth_hba_file": workdir / "hba.conf",
@@ -94,7 +92,10 @@ def render_ini(*, listen: str, port: int, pg_socket_dir: Path, pg_port: int, dat
 
 
 def render_hba(database: str, user: str, networks: tuple[str, ...]) -> str:
-    rows = [f"hostssl {database} {user} {net} scram-sha-256\n" for net in networks]
+    """pgbouncer's hba file: the app role over TLS from the allowed networks, names quoted
+    as in pg_hba.conf (pgbouncer reads them the same way)."""
+    db, role = conf.hba_name(database), conf.hba_name(user)
+    rows = [f"hostssl {db} {role} {net} scram-sha-256\n" for net in networks]
     return "".join(rows) + "host all all 0.0.0.0/0 reject\nhost all all ::/0 reject\n"
 
 

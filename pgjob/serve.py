@@ -132,11 +132,11 @@ class Serve:
         self.settings = settings = home.settings()
         self.bindir = binaries.find(settings.pg_bin)
         self.pooler_bin = pooler.require() if pooler.wanted(settings.pooler) else None
+        self.address = netinfo.address(self.host, self.interface)  # refused before the lease
         refuse_second_serve(home)
         self.job = job = scheduler.current()
         self._install_signals()
         self.lease = lease.acquire(home, job.job_id)
-        self.address = netinfo.address(self.host, self.interface)
         socket_dir = private_socket_dir()
         try:
             self._write_record()
