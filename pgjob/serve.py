@@ -216,7 +216,7 @@ class Serve:
             pooler.Pooler(binary=self.pooler_bin, workdir=socket_dir,
                           log=home.ensure_file(home.logs / "pgbouncer.log"),
                           account=home.owner),
-            home=home, settings=settings, address=self.address, pg_port=settings.port)
+            home=home, settings=settings, address=self.address, server=self.server)
         self.front.launch(settings.port)
 
     def _check_pooler(self) -> None:
