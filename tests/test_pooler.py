@@ -1,6 +1,7 @@
 """pgbouncer in front of the server (pooler = "pgbouncer"): workers reach PostgreSQL only
 through it, over TLS, and it is kept alive, given rotated passwords, and stopped with serve."""
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -128,7 +129,8 @@ def _holding(password: bytes, tops: set[Path], skip: set[Path]) -> list[Path]:
     return found
 
 
-def test_a_killed_serve_leaves_no_password_on_the_node(pooled, tmp_path_factory):
+def test_a_killed_serve_leaves_no_password_on_the_node(pooled, template_home, tmp_path,
+                                                       tmp_path_factory):
     home, password = pooled.home_path, _password(pooled.home_path)
     assert _study_runs(home, "before-kill", trials=5) == 5  # a worker, through pgbouncer
     bouncer = _bouncer(pooled)
@@ -142,6 +144,21 @@ def test_a_killed_serve_leaves_no_password_on_the_node(pooled, tmp_path_factory)
                               "/var/tmp", "/dev/shm") if d and os.path.isdir(d)}
     skip = {tmp_path_factory.getbasetemp(), home / "secrets"}
     assert _holding(password, tops | {home}, skip) == []
+    # The next serve on this node clears what the dead one left; a serve of another home
+    # starting beside it leaves the live one's directory alone.
+    again = Served(home, tmp_path / "again.log", env=POOLED)
+    again.endpoint()
+    assert not workdir.exists()
+    assert "left on this node by a serve that is gone" in again.log.read_text()
+    again_dir = Path(_bouncer(again).cmdline()[1]).parent
+    other = tmp_path / "other"
+    shutil.copytree(template_home, other, symlinks=True)
+    beside = Served(other, tmp_path / "other.log", env=POOLED)
+    beside.endpoint()
+    assert again_dir.is_dir()
+    assert _study_runs(home, "after-kill", trials=5) == 5
+    with again.endpoint().connect() as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
 
 
 def test_pgbouncer_settings_are_safe():
