@@ -184,8 +184,11 @@ class Home:
         programs serve runs): the settings, the secrets, run/ and the endpoint."""
         paths = [self.settings_file, self.secrets, self.run, self.endpoint_file]
         for folder in (self.secrets, self.run):
-            if folder.is_dir() and not folder.is_symlink():
-                paths += sorted(folder.iterdir())
+            try:
+                if stat.S_ISDIR(folder.lstat().st_mode):
+                    paths += sorted(folder.iterdir())
+            except OSError:  # missing, or not ours to list: the folder itself is refused
+                pass
         return [p for p in paths if os.path.lexists(p)]
 
     def check_trusted(self, *, new: bool = False) -> None:
