@@ -87,7 +87,9 @@ def read_raw(home: Home) -> dict | None:
 
 def read(home: Home) -> Endpoint | None:
     """The published endpoint, or None when nothing usable is published (missing,
-    half-written, or withdrawn)."""
+    half-written, or withdrawn). Checked each time: a worker that reconnects later must
+    not follow a home that someone swapped for theirs meanwhile."""
+    home.check_trusted()
     data = read_raw(home)
     if not data or data.get("state") != SERVING:
         return None

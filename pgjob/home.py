@@ -2,7 +2,9 @@
 
 Everything pgjob writes into a home goes through `Home.write`, which writes atomically
 with the final mode. pgjob started as root has already become the home's account (see
-privilege.py), so nothing here acts for anybody else.
+privilege.py), so nothing here acts for anybody else. Everything that reads a home first
+checks, in `Home.check_trusted`, that nobody else made or could have changed what decides
+which server it trusts.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import re
 import stat
 import tempfile
@@ -30,6 +33,40 @@ log = logging.getLogger("pgjob.home")
 SETTINGS_NAME = "pgjob.toml"
 ENV_PREFIX = "PGJOB_"  # PGJOB_<NAME> overrides a setting; its value is always text
 DEFAULT_SOURCE = "the default"
+WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+def _account_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _not_yours(path: Path, st: os.stat_result) -> UsageError:
+    owner = _account_name(st.st_uid)
+    return UsageError(
+        f"this home is not yours: {path} belongs to {owner} (mode "
+        f"{stat.S_IMODE(st.st_mode):04o}), so {owner} decides which server pgjob would "
+        f"connect you to. If you trust {owner} with your study, run pgjob as {owner}; "
+        "otherwise choose your own --home (or PGJOB_HOME), in a folder only you can write")
+
+
+def _writable(path: Path, st: os.stat_result) -> UsageError:
+    return UsageError(
+        f"{path} can be changed by other users (owner {_account_name(st.st_uid)}, mode "
+        f"{stat.S_IMODE(st.st_mode):04o}), so someone may have pointed this home at another "
+        f"server. If you trust everyone who can write it, remove their access (chmod go-w "
+        f"{path}), then run `pgjob init` to check the home; otherwise choose your own "
+        "--home (or PGJOB_HOME), in a folder only you can write")
+
+
+def _a_link(path: Path) -> UsageError:
+    return UsageError(
+        f"{path} is a symbolic link (to {os.readlink(path)}); pgjob keeps its own file "
+        "there and follows no link in a home. If you made it, replace it with the file "
+        "itself; otherwise choose your own --home (or PGJOB_HOME), in a folder only you "
+        "can write")
 
 
 @dataclass(frozen=True)
@@ -313,7 +350,54 @@ class Home:
         if not self.is_home():
             raise UsageError(f"{self.path} is not a pgjob home (no {SETTINGS_NAME}); "
                              f"create one with `pgjob init --home {self.path}`")
+        self.check_trusted()
         return self
+
+    def trusted_uids(self) -> set[int]:
+        """Whose files a home of ours may hold: ours and root's. Root acts for the home's
+        (non-root) account, so for root that account's as well."""
+        me = os.geteuid()
+        return {me, 0, self.path.stat().st_uid} if me == 0 else {me, 0}
+
+    def guarded_paths(self) -> list[Path]:
+        """What decides which server a client trusts and with which password (and which
+        programs serve runs): the settings, the secrets, run/ and the endpoint."""
+        paths = [self.settings_file, self.secrets, self.run, self.endpoint_file]
+        for folder in (self.secrets, self.run):
+            try:
+                if stat.S_ISDIR(folder.lstat().st_mode):
+                    paths += sorted(folder.iterdir())
+            except OSError:  # missing, or not ours to list: the folder itself is refused
+                pass
+        return [p for p in paths if os.path.lexists(p)]
+
+    def check_trusted(self, *, new: bool = False) -> None:
+        """Refuse a home that someone else made or could have changed.
+
+        In a folder others can write (a group project folder, /tmp without the sticky
+        bit), another user can put a home of theirs where ours was, and its endpoint and
+        CA would send us to their server. So the home must belong to us (or root) and be
+        writable by nobody else, and the paths that decide whom we trust must be our own
+        files, not links. `new`: init is about to make a folder of ours the home (and make
+        it 0700), so only its owner counts there. Read access for others is not refused:
+        `pgjob status` warns of it and `pgjob init` repairs it.
+        """
+        if not self.path.exists():
+            return  # nothing there to trust, nor to read
+        uids = self.trusted_uids()
+        st = self.path.stat()
+        if st.st_uid not in uids:
+            raise _not_yours(self.path, st)
+        if st.st_mode & WRITABLE_BY_OTHERS and not new:
+            raise _writable(self.path, st)
+        for path in self.guarded_paths():
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                raise _a_link(path)
+            if st.st_uid not in uids:
+                raise _not_yours(path, st)
+            if st.st_mode & WRITABLE_BY_OTHERS:
+                raise _writable(path, st)
 
     def private_paths(self) -> list[Path]:
         """Everything in the home that only its owner may read: the folders, the secrets,

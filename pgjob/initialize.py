@@ -28,6 +28,8 @@ def _check_target(home: Home) -> None:
     path = home.path
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} exists and is not a directory; choose another --home")
+    if path.is_dir():  # never adopt a folder, or a home, that someone else put there
+        home.check_trusted(new=not home.is_home())
     leftovers = {"data", "secrets", "logs", "run"}  # of an init that failed half-way
     if path.is_dir() and not home.is_home() and any(
             p.name not in leftovers for p in path.iterdir()):

@@ -5,7 +5,10 @@ published address and port, and PostgreSQL listens on its private Unix socket on
 pgbouncer takes the clients' TLS (the same certificate), checks them against the same
 networks and SCRAM password as pg_hba would, and shares a few server connections among
 them in transaction mode. Its files live in serve's node-local private directory, never
-on the shared filesystem, because its user list holds the password.
+on the shared filesystem. Its user list holds no password: it holds the role's SCRAM
+verifier as PostgreSQL stores it, with which pgbouncer checks a client's SCRAM proof and
+then passes that client's keys on to PostgreSQL, so a file left behind by a serve that was
+killed outright gives nobody a way in.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+
 from . import conf, netinfo, proc
-from .cluster import log_tail
+from .cluster import Server, log_tail
 from .errors import ServerFailed, UsageError
 from .home import Home, Settings
 from .initialize import allowed_networks
@@ -53,14 +58,25 @@ def require() -> Path:
     return found
 
 
-def password_from(passfile: Path, user: str) -> str:
-    """The user's password from a pgpass file that pgjob wrote (*:*:*:user:password)."""
-    for line in passfile.read_text().splitlines():
-        parts = line.split(":", 4)
-        if len(parts) == 5 and parts[3] == user:
-            return parts[4]
-    raise UsageError(f"{passfile} has no password for {user}; run `pgjob init` to repair "
-                     "the home")
+SCRAM_PREFIX = "SCRAM-SHA-256$"
+
+
+def stored_verifier(server: Server, user: str) -> str:
+    """The role's SCRAM verifier as PostgreSQL stores it, never its password.
+
+    Read by the superuser over serve's private socket from pg_authid, a shared catalog
+    (no object of the application role is touched, so none of its code runs). pgbouncer
+    passes SCRAM through to the server only when its secret is this very verifier.
+    """
+    with server.connect() as conn:
+        row = conn.execute("select rolpassword from pg_authid where rolname = %s",
+                           (user,)).fetchone()
+    verifier = (row[0] if row else None) or ""
+    if not verifier.startswith(SCRAM_PREFIX):
+        raise ServerFailed(f"the role {user} has no SCRAM-SHA-256 password in the server, "
+                           "so pgbouncer cannot check its clients; serve once without the "
+                           "pooler and run `pgjob rotate-password`, which stores one")
+    return verifier
 
 
 def _quote_ini(text: str) -> str:
@@ -99,8 +115,11 @@ def render_hba(database: str, user: str, networks: tuple[str, ...]) -> str:
     return "".join(rows) + "host all all 0.0.0.0/0 reject\nhost all all ::/0 reject\n"
 
 
-def render_userlist(user: str, password: str) -> str:
-    return f'"{user}" "{password}"\n'
+def render_userlist(user: str, verifier: str) -> str:
+    """pgbouncer's auth_file: the user and its SCRAM verifier, '"' doubled inside quotes."""
+    def quoted(text: str) -> str:
+        return '"' + text.replace('"', '""') + '"'
+    return f"{quoted(user)} {quoted(verifier)}\n"
 
 
 @dataclass
@@ -163,13 +182,13 @@ class Pooler:
 @dataclass
 class Front:
     """pgbouncer as serve runs it, in front of the server it started: its files written
-    from the home's settings, kept alive, and given the password after a rotation."""
+    from the home's settings, kept alive, and given the new verifier after a rotation."""
 
     pool: Pooler
     home: Home
     settings: Settings
     address: str
-    pg_port: int
+    server: Server  # PostgreSQL behind it, on serve's private socket
     port: int = 0
     passfile_mtime: float = 0.0
 
@@ -190,20 +209,32 @@ class Front:
     def _write_files(self, port: int) -> None:
         home, settings, workdir = self.home, self.settings, self.pool.workdir
         self.pool.write("pgbouncer.ini", render_ini(
-            listen=self.address, port=port, pg_socket_dir=workdir, pg_port=self.pg_port,
+            listen=self.address, port=port, pg_socket_dir=workdir, pg_port=self.server.port,
             database=settings.database, workdir=workdir, cert=home.data / "server.crt",
             key=home.data / "server.key", max_clients=2 * settings.workers + 10))
         self.pool.write("hba.conf", render_hba(settings.database, settings.user,
                                                allowed_networks(settings)))
         self._write_userlist()
 
-    def _write_userlist(self) -> None:
-        passfile, user = self.home.app_passfile, self.settings.user
-        self.passfile_mtime = passfile.stat().st_mtime
-        self.pool.write("userlist.txt", render_userlist(user, password_from(passfile, user)))
+    def _write_userlist(self) -> bool:
+        """The role's verifier, as the server has it now, into pgbouncer's user list. False
+        when the server did not answer (it is being restarted): the list stays as it was,
+        and the next check tries again."""
+        # The passfile's mtime first: a rotation that lands while we read is seen next time.
+        mtime = self.home.app_passfile.stat().st_mtime
+        user = self.settings.user
+        try:
+            verifier = stored_verifier(self.server, user)
+        except psycopg.Error as exc:
+            log.warning("could not read the password verifier of %s for pgbouncer (%s); "
+                        "trying again at the next check", user, str(exc).strip())
+            return False
+        self.pool.write("userlist.txt", render_userlist(user, verifier))
+        self.passfile_mtime = mtime
+        return True
 
     def check(self) -> bool:
-        """Restart pgbouncer if it died; give it the new password after a rotation.
+        """Restart pgbouncer if it died; give it the new verifier after a rotation.
         True when it now listens on another port (the endpoint must be published again)."""
         if not self.pool.alive():
             log.warning("pgbouncer exited (code %s); restarting it (see %s)",
@@ -212,7 +243,7 @@ class Front:
             self.launch(before)
             return self.port != before
         if self.home.app_passfile.stat().st_mtime != self.passfile_mtime:
-            self._write_userlist()
-            self.pool.reload()
-            log.info("pgbouncer reloaded with the rotated password")
+            if self._write_userlist():
+                self.pool.reload()
+                log.info("pgbouncer reloaded with the rotated password")
         return False

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,58 @@ def set_aside_stale_pidfile(data: Path) -> str | None:
     return f"set aside a stale postmaster.pid (pid {pid}, from a server that is gone) as {aside.name}"
 
 
+PRIVATE_MARK = "serve.json"  # in serve's private directory: whose it is
+
+
+def own_record() -> dict:
+    """This serve process as the serve record and its private directory name it."""
+    me = psutil.Process()
+    return {"node": scheduler.node_name(), "pid": me.pid, "create_time": me.create_time()}
+
+
+def mark_private_dir(socket_dir: Path, record: dict) -> None:
+    """Say in serve's private directory which serve it belongs to, so that a later serve
+    on this node can tell it was left by one that is gone."""
+    fd = os.open(socket_dir / PRIVATE_MARK,
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(record, out)
+
+
+def left_by_a_dead_serve(path: Path, uid: int) -> bool:
+    """Whether `path` is provably a private directory of `uid`'s that a serve on this node
+    left when it was killed outright: a real directory (never a link) owned by `uid`, open
+    to nobody else, marked by a serve of this node whose process is gone."""
+    try:
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+            return False
+        with os.fdopen(os.open(path / PRIVATE_MARK, os.O_RDONLY | os.O_NOFOLLOW)) as mark:
+            record = json.load(mark)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and record.get("node") == scheduler.node_name()
+            and "pid" in record and not record_is_live(record))
+
+
+def remove_stale_private_dirs(uid: int, bases: tuple[str, ...] = ()) -> list[Path]:
+    """Remove what serves of `uid` killed on this node (SIGKILL, the OOM killer) left in
+    the node's temp directories (`bases`, default: where private_socket_dir makes them);
+    nothing that is not provably theirs and dead."""
+    removed = []
+    bases = bases or (os.environ.get("TMPDIR", ""), "/tmp")
+    for base in dict.fromkeys(filter(None, bases)):
+        try:
+            found = sorted(Path(base).glob(f"pgjob-{uid}-*"))
+        except OSError:
+            continue
+        for path in found:
+            if left_by_a_dead_serve(path, uid):
+                shutil.rmtree(path, ignore_errors=True)  # fd-based: follows no link
+                removed.append(path)
+    return removed
+
+
 @dataclass
 class Every:
     """An action the keep-alive loop runs every `period` seconds (never, if 0)."""
@@ -137,8 +190,11 @@ class Serve:
         self.job = job = scheduler.current()
         self._install_signals()
         self.lease = lease.acquire(home, job.job_id)
+        for stale in remove_stale_private_dirs(os.geteuid()):
+            log.info("removed %s, left on this node by a serve that is gone", stale)
         socket_dir = private_socket_dir()
         try:
+            mark_private_dir(socket_dir, own_record())
             self._write_record()
             note = set_aside_stale_pidfile(home.data)
             if note:
@@ -162,10 +218,8 @@ class Serve:
             home.stop_request.unlink(missing_ok=True)
 
     def _write_record(self) -> None:
-        me = psutil.Process()
         self.home.write(self.home.serve_record, json.dumps(
-            {"node": self.job.node, "pid": me.pid, "create_time": me.create_time(),
-             "job_id": self.job.job_id}) + "\n")
+            {**own_record(), "job_id": self.job.job_id}) + "\n")
         self.home.stop_request.unlink(missing_ok=True)
 
     def _start_on_a_free_port(self, socket_dir: Path) -> None:
@@ -215,7 +269,7 @@ class Serve:
         self.front = pooler.Front(
             pooler.Pooler(binary=self.pooler_bin, workdir=socket_dir,
                           log=home.ensure_file(home.logs / "pgbouncer.log")),
-            home=home, settings=settings, address=self.address, pg_port=settings.port)
+            home=home, settings=settings, address=self.address, server=self.server)
         self.front.launch(settings.port)
 
     def _check_pooler(self) -> None:

@@ -75,6 +75,30 @@ def test_status_warns_about_loose_modes_and_init_repairs_them(server, home_path)
     assert run_pgjob("status", "--home", str(home_path)).returncode == 0
 
 
+@pytest.mark.parametrize("what", ["secrets", "endpoint.json", "secrets/ca.crt"])
+def test_a_home_others_can_change_is_refused_until_the_owner_closes_it(server, home_path, what):
+    path = home_path / what
+    os.chmod(path, stat.S_IMODE(path.stat().st_mode) | stat.S_IWGRP)
+    for command in ("url", "status", "stop"):
+        done = run_pgjob(command, "--home", str(home_path))
+        assert done.returncode == 4, (command, done.stdout, done.stderr)
+        assert f"{path} can be changed by other users" in done.stderr
+        assert "chmod go-w" in done.stderr and "Traceback" not in done.stderr
+    assert server.process.poll() is None  # the refused `pgjob stop` stopped nothing
+    os.chmod(path, stat.S_IMODE(path.stat().st_mode) & ~stat.S_IWGRP)
+    assert run_pgjob("url", "--home", str(home_path)).returncode == 0
+
+
+def test_a_link_in_place_of_a_secret_is_refused(server, home_path, tmp_path):
+    passfile = home_path / "secrets" / "app.pgpass"
+    kept = tmp_path / "app.pgpass"
+    os.replace(passfile, kept)
+    passfile.symlink_to(kept)
+    done = run_pgjob("url", "--home", str(home_path))
+    assert done.returncode == 4 and f"{passfile} is a symbolic link" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_password_is_nowhere_but_the_passfile(server, home_path, tmp_path):
     password = (home_path / "secrets" / "app.pgpass").read_text().strip().split(":")[-1]
     worker = subprocess.Popen(
