@@ -103,6 +103,8 @@ class Home:
     @property
     def app_passfile(self) -> Path: return self.secrets / "app.pgpass"
     @property
+    def pending_passfile(self) -> Path: return self.secrets / "app.pgpass.pending"
+    @property
     def superuser_passfile(self) -> Path: return self.secrets / "superuser.pgpass"
     @property
     def endpoint_file(self) -> Path: return self.path / "endpoint.json"
