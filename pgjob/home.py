@@ -318,6 +318,8 @@ class Home:
     @property
     def app_passfile(self) -> Path: return self.secrets / "app.pgpass"
     @property
+    def pending_passfile(self) -> Path: return self.secrets / "app.pgpass.pending"
+    @property
     def superuser_passfile(self) -> Path: return self.secrets / "superuser.pgpass"
     @property
     def endpoint_file(self) -> Path: return self.path / "endpoint.json"
@@ -476,17 +478,22 @@ class Home:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_folder(path.parent)
 
     def ensure_file(self, path: Path, mode: int = 0o600) -> Path:
         """Create `path` empty if it is missing (a log, say)."""
         if not path.exists():
             self.write(path, "", mode)
         return path
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (the folder's own entry list)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_home(option: str | os.PathLike | None) -> Home:

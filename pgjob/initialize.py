@@ -10,7 +10,7 @@ from typing import Iterator
 
 from psycopg import sql
 
-from . import binaries, conf, netinfo, passwords, tls
+from . import binaries, conf, endpoint, lease, netinfo, passwords, tls
 from .cluster import Server, initdb, private_socket_dir
 from .errors import UsageError
 from .home import Home, Settings, open_home
@@ -134,8 +134,35 @@ def _repair(home: Home, settings: Settings) -> None:
                          "the home is damaged: restore the data directory from a backup")
     tls.ensure_ca(home)  # homes made before TLS get their CA here
     home.tighten()
+    _finish_rotation(home, settings)
     write_server_conf(home, settings, conf.static_params(settings.workers),
                       allowed_networks(settings))
+
+
+def _finish_rotation(home: Home, settings: Settings) -> None:
+    """A `pgjob rotate-password` cut short between ALTER ROLE and the rename of its new
+    passfile left the new password pending: keep whichever one the server accepts.
+
+    A live server is asked over its endpoint; otherwise a private server of our own, with
+    the home's lease held so that no serve starts on the data directory meanwhile.
+    """
+    if not home.pending_passfile.exists():
+        return
+    held = lease.read(home)
+    if held is not None and not (held.expired() or held.holder_gone()):
+        published = endpoint.read(home)
+        if published is None:
+            raise UsageError(f"{home.path} is being served but not published (starting or "
+                             "stopping); run `pgjob init` again once it serves or has stopped")
+        passwords.finish_rotation(home, passwords.endpoint_probe(home, published))
+        return
+    mine = lease.acquire(home, job_id="")
+    try:
+        with temporary_server(home, settings, Path(settings.pg_bin)) as server:
+            passwords.finish_rotation(home, passwords.socket_probe(server.socket_dir,
+                                                                   server.port, settings))
+    finally:
+        lease.release(home, mine)
 
 
 def init(home_option, *, workers=None, port=None, database=None, user=None, allow=(),

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 from .errors import CommandFailed
 
@@ -29,30 +29,35 @@ _DIE_WITH_PARENT = (
 
 def run(argv: list[str], *, timeout: float, what: str, env: dict[str, str] | None = None,
         log_tail: Callable[[], str] | None = None, cwd: str | Path | None = None,
-        stdin_text: str | None = None) -> str:
+        stdin_text: str | None = None, stdout: IO | None = None) -> str:
     """Run a program to completion and return its combined output.
 
     `what` names the step for the error message ("initdb failed: ..."); `stdin_text`, when
     given, is the program's standard input (bsub reads a job script's #BSUB lines there).
+    `stdout`, when given, is an open file that receives the program's standard output (a
+    dump written into a file pgjob created); only its standard error is captured then.
     """
     argv = [str(a) for a in argv]
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        done = subprocess.run(argv, stdout=subprocess.PIPE if stdout is None else stdout,
+                              stderr=subprocess.STDOUT if stdout is None else subprocess.PIPE,
                               input=stdin_text, text=True, timeout=timeout, env=env,
                               cwd=cwd or "/")
     except subprocess.TimeoutExpired as exc:
-        out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output
+        out = exc.output if stdout is None else exc.stderr
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
         raise CommandFailed(f"{what}: no answer after {timeout:.0f} s", argv=argv,
                             returncode=None, output=out or "",
                             log_tail=log_tail() if log_tail else "") from None
     except OSError as exc:
         raise CommandFailed(f"{what}: could not run {argv[0]}: {exc.strerror}", argv=argv,
                             returncode=None) from None
+    output = done.stdout if stdout is None else done.stderr
     if done.returncode != 0:
         raise CommandFailed(f"{what} (exit code {done.returncode})", argv=argv,
-                            returncode=done.returncode, output=done.stdout,
+                            returncode=done.returncode, output=output,
                             log_tail=log_tail() if log_tail else "")
-    return done.stdout
+    return output
 
 
 def spawn(argv: list[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

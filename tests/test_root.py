@@ -1,6 +1,8 @@
 """pgjob started as root: PostgreSQL refuses root, so pgjob runs it as another account."""
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import pgjob
 from conftest import Served, run_pgjob
 from pgjob.waiting import until
 
@@ -183,3 +186,108 @@ def test_another_user_on_another_node_gets_nothing_while_the_owner_gets_in(clust
             until(lambda: not subprocess.run(["squeue", "-h", "-j", job_id],
                                              capture_output=True, text=True).stdout.strip(), 60)
         shutil.rmtree(work, ignore_errors=True)
+
+
+PLANT = """
+import os, sys, time
+shared, kind = sys.argv[1], sys.argv[2]
+loot = os.path.join(shared, "loot")
+os.makedirs(loot, exist_ok=True)
+os.chmod(loot, 0o777)
+target = os.path.join(loot, "got-it")
+os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
+os.chmod(target, 0o666)
+start = time.time() - 1
+for ms in range(40000):  # every name pgjob used to give a dump in the next 39 s
+    now = start + ms / 1000
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now % 1 * 1000):03d}"
+    if kind == "partial":
+        os.symlink(target, os.path.join(shared, f".optuna-{stamp}.dump.partial"))
+    else:
+        try:
+            os.close(os.open(os.path.join(shared, f"optuna-{stamp}.dump"),
+                             os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # the backup made before
+            pass
+"""
+OWNER = "pgjobtest"  # the unprivileged account whose home is backed up
+
+
+def ensure_other() -> None:
+    if subprocess.run(["id", OTHER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-s", "/bin/sh", OTHER], check=True)
+
+
+def pgjob_as(user: str, *args: str) -> subprocess.CompletedProcess:
+    """The pgjob these tests import, run as `user`."""
+    source = str(Path(pgjob.__file__).resolve().parent.parent)
+    return as_user(user, f"PYTHONPATH={source}", "PYTHONDONTWRITEBYTECODE=1",
+                   sys.executable, "-m", "pgjob", *args)
+
+
+def test_names_another_user_plants_in_a_shared_folder_get_no_backup(reachable_dir):
+    ensure_other()
+    home = reachable_dir / "home"
+    run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", "--run-as", OWNER,
+              check=True)
+    served = Served(home, reachable_dir / "serve.log")
+    served.endpoint()
+    shared = reachable_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    owner, other = pwd.getpwnam(OWNER).pw_uid, pwd.getpwnam(OTHER).pw_uid
+
+    # the old predictable temporary names, as links to a file the other user can read
+    planted = as_user(OTHER, sys.executable, "-c", PLANT, str(shared), "partial")
+    assert planted.returncode == 0, planted.stderr
+    done = pgjob_as(OWNER, "backup", "--home", str(home), "--out", str(shared))
+    assert done.returncode == 0, done.stderr
+    made = Path(done.stdout.split("backup written: ", 1)[1].strip())
+    info = made.lstat()
+    assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    assert info.st_uid == owner
+    assert as_user(OTHER, "cat", str(made)).returncode != 0
+    assert (shared / "loot" / "got-it").stat().st_size == 0
+
+    # the final names taken: no backup, said in one line, and still nothing for the other
+    planted = as_user(OTHER, sys.executable, "-c", PLANT, str(shared), "final")
+    assert planted.returncode == 0, planted.stderr
+    done = pgjob_as(OWNER, "backup", "--home", str(home), "--out", str(shared))
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert "could not write a backup" in done.stderr.strip().splitlines()[0]
+    for path in shared.rglob("*"):
+        info = path.lstat()
+        if info.st_uid == other:
+            assert not stat.S_ISREG(info.st_mode) or info.st_size == 0, path
+        else:
+            assert path == made, path  # the first backup, and no half-written one
+    served.stop()
+
+
+def test_a_full_disk_fails_backup_and_rotation_clearly_and_the_password_still_works(
+        small_disk, tmp_path):
+    home = small_disk / "home"
+    run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", check=True)
+    served = Served(home, tmp_path / "serve.log")
+    served.endpoint()
+    old = (home / "secrets" / "app.pgpass").read_text()
+    filler = small_disk / "filler"
+    with open(filler, "wb") as out:  # fill the disk to the last block
+        try:
+            while True:
+                out.write(b"\0" * (1 << 20))
+                out.flush()
+        except OSError:
+            pass
+    done = run_pgjob("backup", "--home", str(home))
+    assert done.returncode in (3, 6) and "Traceback" not in done.stderr, done.stderr
+    assert list((home / "backups").iterdir()) == []  # nothing half-written kept
+    done = run_pgjob("rotate-password", "--home", str(home))
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert "could not write the new password" in done.stderr
+    assert (home / "secrets" / "app.pgpass").read_text() == old
+    assert run_pgjob("url", "--home", str(home)).returncode == 0  # the old password works
+    filler.unlink()
+    run_pgjob("rotate-password", "--home", str(home), check=True)
+    assert run_pgjob("url", "--home", str(home)).returncode == 0
+    served.stop()
