@@ -47,6 +47,9 @@ class Settings:
     # Where the scheduler sends no signal before the time limit (PBS), serve stops itself
     # this many seconds before the job's end.
     stop_margin: int = 300
+    # Seconds the home's lease stays valid without renewal (see lease.py); a serve whose
+    # job was killed outright is taken over at most lease_ttl + 10 s later.
+    lease_ttl: int = 30
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Settings":
@@ -65,6 +68,9 @@ class Settings:
                     raise UsageError(f"setting {key!r} must be a whole number, got {value!r}; "
                                      f"fix it in {SETTINGS_NAME} or the PGJOB_{key.upper()} "
                                      "variable") from None
+            if key == "lease_ttl" and not 10 <= value <= 3600:
+                raise UsageError(f"setting 'lease_ttl' must be between 10 and 3600 seconds, "
+                                 f"got {value}; fix it in {SETTINGS_NAME} or PGJOB_LEASE_TTL")
             clean[key] = value
         return cls(**clean)
 
