@@ -31,9 +31,9 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import psutil
 
@@ -52,7 +52,6 @@ RENEWAL_SLACK = 5.0  # how late a live holder's renewal may come (a slow filesys
 KEEP = 3  # generations kept behind the current one, for readers that listed a moment ago
 NAME = re.compile(r"lease-(\d+)\.json")
 BROKEN = "broken-"  # the token of a generation written by `pgjob break-lease`
-LEGACY = "lease.json"  # pgjob before generation files: read as generation 0, never written
 BREAK_HINT = ("if you are sure no server of this home runs any more, `pgjob break-lease` "
               "releases it")
 
@@ -73,14 +72,22 @@ class Lease:
         """Expired by this node's wall clock, with SKEW for the clocks' disagreement."""
         return (time.time() if now is None else now) > self.renewed_at + self.ttl + SKEW
 
+    def _holder_runs_here(self) -> bool | None:
+        """Whether the holder's process runs on this node; None when it ran elsewhere."""
+        if self.node != scheduler.node_name():
+            return None
+        try:
+            return psutil.Process(self.pid).create_time() == self.create_time
+        except psutil.Error:
+            return False
+
     def holder_gone(self) -> bool:
         """True when the holder ran on this node and its process is gone: no need to wait."""
-        if self.node != scheduler.node_name():
-            return False
-        try:
-            return psutil.Process(self.pid).create_time() != self.create_time
-        except psutil.Error:
-            return True
+        return self._holder_runs_here() is False
+
+    def holder_alive_here(self) -> bool:
+        """True when the holder runs on this node: alive, whatever its lease says."""
+        return self._holder_runs_here() is True
 
     def held_by(self, node: str, pid: int, create_time: float) -> bool:
         return not self.released and (self.node, self.pid, self.create_time) == (
@@ -132,6 +139,8 @@ def _parse(raw: bytes, generation: int) -> Lease:
         fields[name] = int(value) if kind is int else value
     if not 0 < fields["ttl"] <= MAX_TTL:
         raise ValueError(f"ttl is {fields['ttl']!r}")
+    if not 0 < fields["pid"] < 2**31:
+        raise ValueError(f"pid is {fields['pid']!r}")
     return Lease(generation=generation, **fields)
 
 
@@ -143,7 +152,7 @@ def _generations(home: Home) -> list[int]:
 
 def _read_generation(home: Home, generation: int) -> Current:
     """One generation's file; OSError when it cannot be read (FileNotFoundError: gone)."""
-    path = _path(home, generation) if generation else home.run / LEGACY
+    path = _path(home, generation) if generation else home.lease_file
     raw = path.read_bytes()
     try:
         return Current(generation, _parse(raw, generation))
@@ -155,7 +164,7 @@ def read_current(home: Home) -> Current:
     """The current lease. OSError when it cannot be read now (a passing NFS error, say)."""
     for _ in range(5):
         present = _generations(home)
-        if not present and not (home.run / LEGACY).exists():
+        if not present and not home.lease_file.exists():
             return Current(0, None)
         try:
             return _read_generation(home, present[-1] if present else 0)
@@ -194,12 +203,13 @@ def _create(home: Home, lease: Lease) -> None:
 
 
 def _prune(home: Home, generation: int) -> None:
-    """Remove generations well behind ours (and a legacy lease.json); best effort."""
+    """Remove generations well behind ours, and the lease.json of pgjob before generation
+    files (read as generation 0); best effort."""
     try:
         old = [g for g in _generations(home) if g < generation - KEEP]
         for g in old:
             _path(home, g).unlink(missing_ok=True)
-        (home.run / LEGACY).unlink(missing_ok=True)
+        home.lease_file.unlink(missing_ok=True)
     except OSError:
         pass
 
@@ -240,7 +250,7 @@ class _Watch:
         self.failing_since = None
         free = _free_because(current)
         if free:
-            return current, free
+            return self._unless_alive_here(current), free
         if self.first is None:
             self.first, self.since = current, now
             self._say_waiting(current)
@@ -251,9 +261,21 @@ class _Watch:
                 f"it. Stop it with `pgjob stop` first, or wait for its job to end; "
                 f"{BREAK_HINT}")
         elif now - self.since > self._window(current):
-            return current, (f"it was not renewed for {now - self.since:.0f} s while "
+            return self._unless_alive_here(current), (f"it was not renewed for {now - self.since:.0f} s while "
                              f"watched ({current.describe()})")
         return None
+
+    @staticmethod
+    def _unless_alive_here(current: Current) -> Current:
+        """A holder seen running on this node holds, whatever its lease says (stopped or
+        hung, its PostgreSQL may still write)."""
+        held = current.lease
+        if held is not None and not held.released and held.holder_alive_here():
+            raise AlreadyServing(
+                f"the home's lease is not renewed, but its holder still runs on this node "
+                f"({current.describe()}): it may be stopped or hung. Stop it with "
+                f"`pgjob stop`, or `kill {held.pid}`, first")
+        return current
 
     @staticmethod
     def _window(current: Current) -> float:
@@ -277,7 +299,6 @@ class _Watch:
             raise PgJobError(f"cannot read the home's lease in {self.home.run} ({exc}), so "
                              "cannot tell whether another server holds this home; fix the "
                              "filesystem or the folder's permissions, then serve again")
-        return None
 
 
 def acquire(home: Home, job_id: str, ttl: float = TTL,
@@ -319,8 +340,9 @@ def renew(home: Home, lease: Lease) -> Lease:
     """Write the next generation of our lease.
 
     LeaseLost when it is provably not ours any more: another generation was written after
-    ours (a take-over, `pgjob break-lease`), or our own file names another holder or is
-    gone. OSError for a failure that may pass (the caller retries while the lease lasts).
+    ours (a take-over, `pgjob break-lease`), or our own file names another holder.
+    OSError for what may pass or cannot be judged (unreadable, invalid or missing own
+    file): the caller retries while the lease lasts, and stops serving after its ttl.
     """
     own = _read_generation(home, lease.generation)  # FileNotFoundError: handled below
     if own.lease is None:
@@ -379,7 +401,7 @@ def break_held(home: Home) -> str:
     if current.generation == 0 or (current.lease and current.lease.released):
         return "the home's lease is not held; nothing to break"
     held = current.lease
-    if held and held.node == scheduler.node_name() and not held.holder_gone():
+    if held and held.holder_alive_here():
         raise AlreadyServing(f"the lease's holder, pid {held.pid}, still runs on this node "
                              f"({held.describe()}); stop it with `pgjob stop` instead")
     ttl = held.ttl if held else TTL

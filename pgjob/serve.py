@@ -43,9 +43,10 @@ DISK_FULL_BYTES = 64 * 1024 * 1024
 
 def read_record(home: Home) -> dict:
     try:
-        return json.loads(home.serve_record.read_text())
+        record = json.loads(home.serve_record.read_text())
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def record_is_live(record: dict) -> bool:
@@ -54,7 +55,7 @@ def record_is_live(record: dict) -> bool:
         return False
     try:
         return psutil.Process(record["pid"]).create_time() == record["create_time"]
-    except (KeyError, psutil.Error):
+    except (KeyError, TypeError, ValueError, OverflowError, psutil.Error):
         return False
 
 

@@ -4,9 +4,10 @@ import os
 import threading
 import time
 
+import psutil
 import pytest
 
-from pgjob import lease
+from pgjob import lease, scheduler
 from pgjob.errors import AlreadyServing, LeaseLost
 from pgjob.home import Home
 from pgjob.waiting import until
@@ -102,6 +103,8 @@ def test_a_passing_read_error_is_not_a_loss(home):
                                   b"{" + b'"a": ' * 10 + b"1",
                                   json.dumps({**vars(elsewhere(1)), "ttl": 1e9}).encode(),
                                   json.dumps({**vars(elsewhere(1)), "pid": "1"}).encode(),
+                                  json.dumps({**vars(elsewhere(1)), "pid": -1}).encode(),
+                                  json.dumps({**vars(elsewhere(1)), "pid": 10**30}).encode(),
                                   b'{"renewed_at": NaN}'])
 def test_a_malformed_lease_is_reported_then_taken_over_when_unchanged(home, quick, text):
     (home.run / "lease-5.json").write_bytes(text)
@@ -234,7 +237,7 @@ def test_the_keeper_fences_at_once_when_the_lease_is_taken(home, monkeypatch):
 
 
 def test_a_renewal_after_a_stall_is_safe_both_ways(home, monkeypatch):
-    keeper, fenced = keeper_of(home, monkeypatch, ttl=0.3)
+    keeper, _ = keeper_of(home, monkeypatch, ttl=0.3)
     time.sleep(0.5)  # longer than the ttl, as if stopped: nobody took it, so it renews
     keeper.renew_now()
     assert lease.read(home).token == keeper.lease.token
@@ -247,3 +250,13 @@ def test_a_renewal_after_a_stall_is_safe_both_ways(home, monkeypatch):
 def test_lease_files_are_private(home):
     lease.acquire(home, "1")
     assert os.stat(lease._path(home, 1)).st_mode & 0o777 == 0o600
+
+
+def test_an_unrenewed_lease_whose_holder_runs_on_this_node_is_never_taken(home, quick):
+    me = psutil.Process()
+    lease._create(home, lease.Lease(token="stalled", node=scheduler.node_name(), job_id="",
+                                    pid=me.pid, create_time=me.create_time(), generation=2,
+                                    renewed_at=time.time(), ttl=0.3))
+    with pytest.raises(AlreadyServing, match="still runs on this node"):
+        lease.acquire(home, "1")
+    assert lease.read(home).token == "stalled"
