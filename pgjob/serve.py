@@ -120,8 +120,7 @@ class Serve:
     stop_reason: str = ""
     restarts: list[float] = field(default_factory=list)
     server: Server | None = None
-    lease: lease.Lease | None = None
-    keeper: lease.Keeper | None = None  # renews the lease in the background
+    keeper: lease.Keeper | None = None  # holds the home's lease and renews it
     lease_lost: bool = False  # proven: another serve holds the home now
     fenced: bool = False  # the lease could not be renewed for its ttl
     job_end: float | None = None
@@ -138,12 +137,12 @@ class Serve:
         refuse_second_serve(home)
         self.job = job = scheduler.current()
         self._install_signals()
-        self.lease = lease.acquire(home, job.job_id, ttl=settings.lease_ttl,
-                                   before_taking=lambda: refuse_second_serve(home))
+        held = lease.acquire(home, job.job_id, ttl=settings.lease_ttl,
+                             before_taking=lambda: refuse_second_serve(home))
         self.address = netinfo.address(self.host, self.interface)
         socket_dir = private_socket_dir(home.owner)
         try:
-            self.keeper = lease.Keeper(home, self.lease, fence=self._fence_now)
+            self.keeper = lease.Keeper(home, held, fence=self._fence_now)
             self.keeper.start()
             self._write_record()
             note = set_aside_stale_pidfile(home.data)
@@ -556,7 +555,11 @@ def still_serving(home: Home) -> str:
             return (f"the server still answers at {published.host}:{published.port} and its "
                     f"pgjob serve ({where}) still runs; it may be stopped (SIGSTOP) or hung: "
                     "see `pgjob status` and the job's log")
-        return f"its pgjob serve ({where}) still runs (shutting down, or hung)"
+        if record.get("node") == scheduler.node_name():
+            return f"its pgjob serve ({where}) still runs (shutting down, or hung)"
+        return (f"its pgjob serve ({where}) may still run: its server does not answer, but "
+                "pgjob cannot see processes on another node. If that job has ended, "
+                "`pgjob break-lease`, then `pgjob stop` again")
     if record:
         home.serve_record.unlink(missing_ok=True)  # proven stale: its serve is gone
         home.stop_request.unlink(missing_ok=True)

@@ -258,30 +258,55 @@ def postmasters_on(data):
     return found
 
 
+AT_THE_SIGNAL = """
+import pathlib, sys, time
+from pgjob.cli import main
+go = pathlib.Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.001)
+sys.argv[:] = ["pgjob", *sys.argv[2:]]
+main()
+"""
+
+
 def test_two_serves_started_at_once_run_one_postmaster(home_path, tmp_path):
-    data = home_path / "data"
+    data, go = home_path / "data", tmp_path / "go"
     lock = home_path / "run" / "lease.lock"  # what a serve killed while taking it left
     lock.touch()
     os.utime(lock, (time.time() - 60, time.time() - 60))
-    both = [Served(home_path, tmp_path / f"serve-{n}.log") for n in (1, 2)]
+    logs = [tmp_path / f"serve-{n}.log" for n in (1, 2)]
+    # both imported and waiting, then released within a millisecond of each other
+    both = [subprocess.Popen([sys.executable, "-c", AT_THE_SIGNAL, str(go), "serve",
+                              "--home", str(home_path), "--host", "127.0.0.1"],
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            for log in logs]
     seen = set()
+    try:
+        time.sleep(3)
+        go.touch()
 
-    def settled():
-        seen.update(postmasters_on(data))
-        return sum(s.process.poll() is not None for s in both) == 1 and \
-            endpoint.read(open_home(home_path)) is not None
-    assert until(settled, 120, 0.05), [s.log.read_text() for s in both]
-    for _ in range(40):  # a while longer: the loser must not start one late
-        seen.update(postmasters_on(data))
-        time.sleep(0.05)
-    loser = next(s for s in both if s.process.poll() is not None)
-    winner = next(s for s in both if s is not loser)
-    assert len(seen) == 1, seen
-    assert loser.process.returncode == 7
-    assert "pgjob: error:" in loser.log.read_text()  # AlreadyServing, whichever check saw it
-    assert "Traceback" not in loser.log.read_text()
-    assert winner.endpoint().pid in seen
-    assert winner.stop() == 0
+        def settled():
+            seen.update(postmasters_on(data))
+            return sum(p.poll() is not None for p in both) == 1 and \
+                endpoint.read(open_home(home_path)) is not None
+        assert until(settled, 120, 0.05), [log.read_text() for log in logs]
+        for _ in range(40):  # a while longer: the loser must not start one late
+            seen.update(postmasters_on(data))
+            time.sleep(0.05)
+        loser = next(n for n, p in enumerate(both) if p.poll() is not None)
+        winner = both[1 - loser]
+        assert len(seen) == 1, seen
+        assert both[loser].returncode == 7
+        said = logs[loser].read_text()
+        assert "pgjob: error:" in said and "Traceback" not in said  # AlreadyServing
+        assert endpoint.read(open_home(home_path)).pid in seen
+        winner.terminate()
+        assert winner.wait(60) == 0
+    finally:
+        for p in both:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
 
 
 def test_stop_during_a_stall_longer_than_the_lease_says_the_server_still_answers(
