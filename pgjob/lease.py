@@ -50,6 +50,8 @@ SKEW = 10.0  # how far nodes' clocks may disagree; also the fenced holder's time
 RENEWALS_PER_TTL = 6  # renewals a holder attempts within one ttl
 RENEWAL_SLACK = 5.0  # how late a live holder's renewal may come (a slow filesystem)
 KEEP = 3  # generations kept behind the current one, for readers that listed a moment ago
+SIZE = 1024  # every generation file is padded to this length, so one can be reused in place
+SPARE = ".lease-spare-"  # an old generation of the holder's own, to write the next one in
 NAME = re.compile(r"lease-(\d+)\.json")
 BROKEN = "broken-"  # the token of a generation written by `pgjob break-lease`
 BREAK_HINT = ("if you are sure no server of this home runs any more, `pgjob break-lease` "
@@ -181,14 +183,33 @@ def read(home: Home) -> Lease | None:
         return None
 
 
+def _render(lease: Lease) -> bytes:
+    text = (json.dumps(dataclasses.asdict(lease), indent=2) + "\n").encode()
+    return text.ljust(SIZE) if len(text) < SIZE else text  # JSON ignores the spaces
+
+
+def _spare(home: Home, lease: Lease) -> Path:
+    return home.run / f"{SPARE}{lease.token}"
+
+
 def _create(home: Home, lease: Lease) -> None:
     """Write generation `lease.generation`, complete, or not at all: FileExistsError when
-    that generation exists already (another serve wrote it first)."""
-    final = _path(home, lease.generation)
-    fd, tmp = tempfile.mkstemp(dir=home.run, prefix=".lease-")
+    that generation exists already (another serve wrote it first).
+
+    The holder's spare file (an old generation of its own, set aside by _prune) is written
+    over in place when there is one: that needs no new block, so renewal goes on when the
+    disk is full.
+    """
+    final, spare = _path(home, lease.generation), _spare(home, lease)
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(dataclasses.asdict(lease), indent=2) + "\n")
+        fd, tmp = os.open(spare, os.O_WRONLY | os.O_NOFOLLOW), str(spare)
+    except FileNotFoundError:
+        fd, tmp = tempfile.mkstemp(dir=home.run, prefix=".lease-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            data = _render(lease)
+            out.write(data)
+            out.truncate(len(data))  # a spare longer than this: its tail must go
             out.flush()
             os.fsync(out.fileno())
         home.give(Path(tmp))
@@ -202,13 +223,19 @@ def _create(home: Home, lease: Lease) -> None:
         os.close(dir_fd)
 
 
-def _prune(home: Home, generation: int) -> None:
-    """Remove generations well behind ours, and the lease.json of pgjob before generation
-    files (read as generation 0); best effort."""
+def _prune(home: Home, lease: Lease) -> None:
+    """Remove generations well behind `lease` (the holder's), keeping the oldest as its
+    spare; other holders' spares and the lease.json of pgjob before generation files
+    (read as generation 0) go too. Best effort."""
     try:
-        old = [g for g in _generations(home) if g < generation - KEEP]
+        old = [g for g in _generations(home) if g < lease.generation - KEEP]
+        if old and not lease.released:
+            os.replace(_path(home, old.pop()), _spare(home, lease))
         for g in old:
             _path(home, g).unlink(missing_ok=True)
+        for name in os.listdir(home.run):
+            if name.startswith(SPARE) and name != _spare(home, lease).name:
+                (home.run / name).unlink(missing_ok=True)
         home.lease_file.unlink(missing_ok=True)
     except OSError:
         pass
@@ -325,7 +352,7 @@ def acquire(home: Home, job_id: str, ttl: float = TTL,
                              f"({describe_current(home)}); leaving the home to it") from None
     if current.generation:
         log.info("took the home's lease (generation %d): %s", mine.generation, why)
-    _prune(home, mine.generation)
+    _prune(home, mine)
     return mine
 
 
@@ -362,7 +389,7 @@ def renew(home: Home, lease: Lease) -> Lease:
     newest = _generations(home)[-1]
     if newest > following.generation:
         raise _lost(f"now: {describe_current(home)}")
-    _prune(home, following.generation)
+    _prune(home, following)
     return following
 
 
@@ -378,7 +405,7 @@ def release(home: Home, lease: Lease) -> None:
                                    renewed_at=time.time(), released=True)
         try:
             _create(home, gone)
-            _prune(home, gone.generation)
+            _prune(home, gone)
             return
         except FileExistsError:
             there = _read_generation(home, gone.generation).lease
@@ -420,7 +447,7 @@ def break_held(home: Home) -> str:
     except FileExistsError:
         raise AlreadyServing("the home's lease was renewed or taken just now "
                              f"({describe_current(home)}); nothing was broken") from None
-    _prune(home, broken.generation)
+    _prune(home, broken)
     return f"released the home's lease ({current.describe()})"
 
 

@@ -56,6 +56,19 @@ def test_old_generations_are_pruned(home):
     assert generations(home) == list(range(held.generation - lease.KEEP, held.generation + 1))
 
 
+def test_renewal_writes_over_a_spare_old_generation_so_it_needs_no_new_block(home):
+    held = lease.acquire(home, "1")
+    for _ in range(lease.KEEP + 2):
+        held = lease.renew(home, held)
+    spare = home.run / f"{lease.SPARE}{held.token}"
+    inode = spare.stat().st_ino
+    held = lease.renew(home, held)
+    assert lease._path(home, held.generation).stat().st_ino == inode
+    assert lease.read(home) == held  # read back intact, padding and all
+    lease.release(home, held)
+    assert not list(home.run.glob(".lease-*"))  # no spare, no temp file left behind
+
+
 def test_of_many_takers_at_once_exactly_one_wins(home):
     start = threading.Barrier(8)
     won, refused = [], []
