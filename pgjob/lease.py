@@ -22,6 +22,7 @@ docs/architecture.md says what this assumes of the filesystem.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -50,8 +51,9 @@ SKEW = 10.0  # how far nodes' clocks may disagree; also the fenced holder's time
 RENEWALS_PER_TTL = 6  # renewals a holder attempts within one ttl
 RENEWAL_SLACK = 5.0  # how late a live holder's renewal may come (a slow filesystem)
 KEEP = 3  # generations kept behind the current one, for readers that listed a moment ago
-SIZE = 1024  # every generation file is padded to this length, so one can be reused in place
-SPARE = ".lease-spare-"  # an old generation of the holder's own, to write the next one in
+# A full disk (or quota) stops every writer of the home alike: a taker cannot write its
+# lease either, so a holder that fails only with these is not fenced (see Keeper).
+EVERYONES = (errno.ENOSPC, errno.EDQUOT)
 NAME = re.compile(r"lease-(\d+)\.json")
 BROKEN = "broken-"  # the token of a generation written by `pgjob break-lease`
 BREAK_HINT = ("if you are sure no server of this home runs any more, `pgjob break-lease` "
@@ -183,33 +185,14 @@ def read(home: Home) -> Lease | None:
         return None
 
 
-def _render(lease: Lease) -> bytes:
-    text = (json.dumps(dataclasses.asdict(lease), indent=2) + "\n").encode()
-    return text.ljust(SIZE) if len(text) < SIZE else text  # JSON ignores the spaces
-
-
-def _spare(home: Home, lease: Lease) -> Path:
-    return home.run / f"{SPARE}{lease.token}"
-
-
 def _create(home: Home, lease: Lease) -> None:
     """Write generation `lease.generation`, complete, or not at all: FileExistsError when
-    that generation exists already (another serve wrote it first).
-
-    The holder's spare file (an old generation of its own, set aside by _prune) is written
-    over in place when there is one: that needs no new block, so renewal goes on when the
-    disk is full.
-    """
-    final, spare = _path(home, lease.generation), _spare(home, lease)
+    that generation exists already (another serve wrote it first)."""
+    final = _path(home, lease.generation)
+    fd, tmp = tempfile.mkstemp(dir=home.run, prefix=".lease-")
     try:
-        fd, tmp = os.open(spare, os.O_WRONLY | os.O_NOFOLLOW), str(spare)
-    except FileNotFoundError:
-        fd, tmp = tempfile.mkstemp(dir=home.run, prefix=".lease-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            data = _render(lease)
-            out.write(data)
-            out.truncate(len(data))  # a spare longer than this: its tail must go
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(dataclasses.asdict(lease), indent=2) + "\n")
             out.flush()
             os.fsync(out.fileno())
         home.give(Path(tmp))
@@ -224,18 +207,12 @@ def _create(home: Home, lease: Lease) -> None:
 
 
 def _prune(home: Home, lease: Lease) -> None:
-    """Remove generations well behind `lease` (the holder's), keeping the oldest as its
-    spare; other holders' spares and the lease.json of pgjob before generation files
-    (read as generation 0) go too. Best effort."""
+    """Remove generations well behind `lease`, and the lease.json of pgjob before
+    generation files (read as generation 0); best effort."""
     try:
-        old = [g for g in _generations(home) if g < lease.generation - KEEP]
-        if old and not lease.released:
-            os.replace(_path(home, old.pop()), _spare(home, lease))
-        for g in old:
-            _path(home, g).unlink(missing_ok=True)
-        for name in os.listdir(home.run):
-            if name.startswith(SPARE) and name != _spare(home, lease).name:
-                (home.run / name).unlink(missing_ok=True)
+        for g in _generations(home):
+            if g < lease.generation - KEEP:
+                _path(home, g).unlink(missing_ok=True)
         home.lease_file.unlink(missing_ok=True)
     except OSError:
         pass
@@ -288,8 +265,9 @@ class _Watch:
                 f"it. Stop it with `pgjob stop` first, or wait for its job to end; "
                 f"{BREAK_HINT}")
         elif now - self.since > self._window(current):
-            return self._unless_alive_here(current), (f"it was not renewed for {now - self.since:.0f} s while "
-                             f"watched ({current.describe()})")
+            return self._unless_alive_here(current), (
+                f"it was not renewed for {now - self.since:.0f} s while watched "
+                f"({current.describe()})")
         return None
 
     @staticmethod
@@ -350,6 +328,10 @@ def acquire(home: Home, job_id: str, ttl: float = TTL,
     except FileExistsError:
         raise AlreadyServing(f"another pgjob serve took this home's lease first "
                              f"({describe_current(home)}); leaving the home to it") from None
+    except OSError as exc:
+        raise PgJobError(f"could not write the home's lease in {home.run}: {exc}; make "
+                         "room on that filesystem (or fix its permissions), then serve "
+                         "again") from None
     if current.generation:
         log.info("took the home's lease (generation %d): %s", mine.generation, why)
     _prune(home, mine)
@@ -386,8 +368,7 @@ def renew(home: Home, lease: Lease) -> Lease:
         if there.lease is None or there.lease.token != lease.token:
             raise _lost(f"now: {there.describe()}") from None
         following = there.lease  # an earlier attempt of ours got through after all
-    newest = _generations(home)[-1]
-    if newest > following.generation:
+    if max(_generations(home), default=0) > following.generation:
         raise _lost(f"now: {describe_current(home)}")
     _prune(home, following)
     return following
@@ -435,8 +416,9 @@ def break_held(home: Home) -> str:
     changed = until(lambda: read(home) != held, ttl / RENEWALS_PER_TTL + RENEWAL_SLACK,
                     interval=0.2)
     if changed:
-        raise AlreadyServing(f"the home's lease changed while watched ({describe_current(home)}): "
-                             "a serve holds it; stop it with `pgjob stop` instead")
+        raise AlreadyServing(f"the home's lease changed while watched "
+                             f"({describe_current(home)}): a serve holds it; stop it with "
+                             "`pgjob stop` instead")
     me = psutil.Process()
     broken = Lease(token=BROKEN + secrets.token_hex(8), node=scheduler.node_name(),
                    job_id="", pid=me.pid, create_time=me.create_time(),
@@ -456,7 +438,8 @@ class Keeper:
     shutdown never lets it lapse, and says what it found.
 
     `lost`: proven lost (serving must end at once); `lapsed`: renewals failed or hung for
-    the whole ttl (serving must end: a taker may act SKEW s later); `trouble`: the last
+    the whole ttl (serving must end: a taker may act SKEW s later), unless they fail with
+    a full disk or quota, which keep a taker from writing its lease too; `trouble`: the last
     passing failure. A second thread, which never touches the filesystem, calls `fence`
     when the server must stop writing and the main loop may be too busy (or too stuck on
     the same filesystem) to see it: at once when lost, SKEW/2 s after a lapse.
@@ -471,6 +454,7 @@ class Keeper:
         self.trouble = ""
         self.renewed_at = time.monotonic()  # when our last successful renewal began
         self._failing = False
+        self._everyones = False  # the last failure stops every writer alike (a full disk)
         self._attempt_began: float | None = None
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -508,6 +492,7 @@ class Keeper:
                 raise
             except OSError as exc:
                 self.trouble, self._failing = str(exc) or type(exc).__name__, True
+                self._everyones = exc.errno in EVERYONES
                 raise
             finally:
                 self._attempt_began = None
@@ -538,6 +523,8 @@ class Keeper:
         silent = now - self.renewed_at
         if not (self._failing or hung) or silent <= self.lease.ttl:
             return
+        if self._everyones and not hung:
+            return  # a taker cannot write its lease either: no need to fence
         if not self.lapsed:
             cause = (f"last error: {self.trouble}" if self._failing and not hung else
                      f"a renewal has not returned for {now - began:.0f} s")

@@ -56,19 +56,6 @@ def test_old_generations_are_pruned(home):
     assert generations(home) == list(range(held.generation - lease.KEEP, held.generation + 1))
 
 
-def test_renewal_writes_over_a_spare_old_generation_so_it_needs_no_new_block(home):
-    held = lease.acquire(home, "1")
-    for _ in range(lease.KEEP + 2):
-        held = lease.renew(home, held)
-    spare = home.run / f"{lease.SPARE}{held.token}"
-    inode = spare.stat().st_ino
-    held = lease.renew(home, held)
-    assert lease._path(home, held.generation).stat().st_ino == inode
-    assert lease.read(home) == held  # read back intact, padding and all
-    lease.release(home, held)
-    assert not list(home.run.glob(".lease-*"))  # no spare, no temp file left behind
-
-
 def test_of_many_takers_at_once_exactly_one_wins(home):
     start = threading.Barrier(8)
     won, refused = [], []
@@ -273,3 +260,20 @@ def test_an_unrenewed_lease_whose_holder_runs_on_this_node_is_never_taken(home, 
     with pytest.raises(AlreadyServing, match="still runs on this node"):
         lease.acquire(home, "1")
     assert lease.read(home).token == "stalled"
+
+
+def test_a_full_disk_does_not_fence_since_no_taker_can_write_either(home, monkeypatch):
+    keeper, fenced = keeper_of(home, monkeypatch, ttl=0.6)
+    errors = [OSError(28, "No space left on device")]
+
+    def failing(h, held):
+        raise errors[0]
+    monkeypatch.setattr(lease, "renew", failing)
+    keeper.start()
+    assert until(lambda: keeper.trouble, 5)
+    time.sleep(0.6 + lease.SKEW)  # past the ttl and the fence
+    assert not keeper.lapsed and not fenced.is_set()
+    errors[0] = OSError(5, "Input/output error")  # one that may be this node's alone
+    assert until(fenced.is_set, 10)
+    assert "Input/output error" in keeper.lapsed
+    keeper.stop()
