@@ -114,13 +114,20 @@ def stop(home, wait) -> None:
     """Ask the serving process to stop cleanly (works from any node that sees the home)."""
     from .serve import request_stop
 
-    if request_stop(open_home(home).path, wait):
-        click.echo("pgjob: stopped")
-    elif wait:
-        raise PgJobError(f"the server was asked to stop but still runs after {wait:.0f} s; "
-                         "see `pgjob status` and the job's log")
-    else:
-        click.echo("pgjob: stop requested (use --wait SECONDS to wait for it)")
+    report = request_stop(open_home(home).path, wait)
+    if wait and not report.stopped:
+        raise PgJobError(report.message)
+    click.echo(f"pgjob: {report.message}")
+
+
+@main.command("break-lease")
+@home_option
+def break_lease(home) -> None:
+    """Release the lease of a server that is gone, when pgjob cannot prove it (a job killed
+    on another node, a clock far ahead): a new serve may then start at once."""
+    from .serve import break_lease as do_break
+
+    click.echo(f"pgjob: {do_break(open_home(home).path)}")
 
 
 @main.command()

@@ -77,7 +77,7 @@ def run_demo(*, workers: int, trials: int, keep: bool, say: Callable[[str], None
         say("   " + health.render(health.check(home)).replace("\n", "\n   "))
     finally:
         say("6. pgjob stop --wait 60")
-        stopped = request_stop(home_path, wait=60)
+        stopped = request_stop(home_path, wait=60).stopped
         server.wait(30)
     state = cluster_state(binaries.find(home.settings().pg_bin), home.data)
     say(f"   server stopped: {stopped}; pg_controldata says: {state}")

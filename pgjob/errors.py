@@ -74,6 +74,11 @@ class LeaseLost(PgJobError):
     exit_code = 9
 
 
+class LeaseExpired(LeaseLost):
+    """This server could not renew the home's lease for its whole ttl: it stops serving
+    (cleanly, quickly), since another serve may take the home over soon after."""
+
+
 class TunnelFailed(PgJobError):
     """The ssh tunnel to the serving node could not be set up or kept."""
 

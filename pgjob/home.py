@@ -89,6 +89,9 @@ class Settings:
     # Where the scheduler sends no signal before the time limit (PBS), serve stops itself
     # this many seconds before the job's end.
     stop_margin: int = 300
+    # Seconds the home's lease stays valid without renewal (see lease.py); a serve whose
+    # job was killed outright is taken over at most lease_ttl + 10 s later.
+    lease_ttl: int = 30
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object],
@@ -245,6 +248,7 @@ RULES: dict[str, Rule] = {
     "backups_keep": whole(1, 10_000),  # 0 would delete every backup, the new one too
     "pooler": pooler_kind,
     "stop_margin": whole(0, MAX_SECONDS),
+    "lease_ttl": whole(10, 3600),
 }
 
 

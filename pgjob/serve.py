@@ -24,7 +24,7 @@ import psutil
 from . import backup, binaries, conf, endpoint, lease, netinfo, pooler, scheduler, submit, tls
 from .cluster import Server, cluster_state, connect, log_tail, private_socket_dir
 from .endpoint import Endpoint
-from .errors import AlreadyServing, LeaseLost, PgJobError, ServerFailed
+from .errors import AlreadyServing, LeaseExpired, LeaseLost, PgJobError, ServerFailed
 from .home import Home, open_home
 from .initialize import allowed_networks, write_server_conf
 from .schema import ensure_optuna_schema, socket_url
@@ -44,9 +44,10 @@ DISK_FULL_BYTES = 64 * 1024 * 1024
 
 def read_record(home: Home) -> dict:
     try:
-        return json.loads(home.serve_record.read_text())
+        record = json.loads(home.serve_record.read_text())
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def record_is_live(record: dict) -> bool:
@@ -55,7 +56,7 @@ def record_is_live(record: dict) -> bool:
         return False
     try:
         return psutil.Process(record["pid"]).create_time() == record["create_time"]
-    except (KeyError, psutil.Error):
+    except (KeyError, TypeError, ValueError, OverflowError, psutil.Error):
         return False
 
 
@@ -172,8 +173,9 @@ class Serve:
     stop_reason: str = ""
     restarts: list[float] = field(default_factory=list)
     server: Server | None = None
-    lease: lease.Lease | None = None
-    lease_lost: bool = False
+    keeper: lease.Keeper | None = None  # holds the home's lease and renews it
+    lease_lost: bool = False  # proven: another serve holds the home now
+    fenced: bool = False  # the lease could not be renewed for its ttl
     job_end: float | None = None
     stop_at: float | None = None  # a self-scheduled stop, where no signal warns of the end
     backup_thread: threading.Thread | None = None
@@ -189,12 +191,15 @@ class Serve:
         refuse_second_serve(home)
         self.job = job = scheduler.current()
         self._install_signals()
-        self.lease = lease.acquire(home, job.job_id)
+        held = lease.acquire(home, job.job_id, ttl=settings.lease_ttl,
+                             before_taking=lambda: refuse_second_serve(home))
         for stale in remove_stale_private_dirs(os.geteuid()):
             log.info("removed %s, left on this node by a serve that is gone", stale)
         socket_dir = private_socket_dir()
         try:
             mark_private_dir(socket_dir, own_record())
+            self.keeper = lease.Keeper(home, held, fence=self._fence_now)
+            self.keeper.start()
             self._write_record()
             note = set_aside_stale_pidfile(home.data)
             if note:
@@ -208,8 +213,9 @@ class Serve:
                      ", through pgbouncer" if self.front else "")
             self._start_chain()
             return self._keep_alive(socket_dir)
-        except LeaseLost:
-            self.lease_lost = True
+        except LeaseLost as exc:
+            self.fenced = isinstance(exc, LeaseExpired)
+            self.lease_lost = not self.fenced
             raise
         finally:
             self._shutdown()
@@ -355,7 +361,7 @@ class Serve:
                 if until(self._stop_asked, self.health_interval, interval=0.25):
                     log.info("stopping: %s", self.stop_reason)
                     return 0
-                self._renew_lease()
+                self._check_lease()
                 self._disk_full()
                 self._check_pooler()
                 if not self.server.alive():
@@ -373,12 +379,45 @@ class Serve:
         finally:
             sweeper.close()
 
-    def _renew_lease(self) -> None:
-        try:
-            self.lease = lease.renew(self.home, self.lease)
+    def _check_lease(self) -> None:
+        """Act on what the lease keeper found: a lease proven lost, or not renewed for its
+        ttl, ends serving; a failure that may pass (EACCES, ESTALE, EIO, a full disk) is
+        said once and retried in the background while the lease lasts."""
+        keeper = self.keeper
+        if keeper.lost:
+            raise LeaseLost(keeper.lost)
+        if keeper.lapsed:
+            raise LeaseExpired(keeper.lapsed)
+        if keeper.trouble:
+            self._once("lease", f"could not renew the lease in {self.home.run} "
+                                f"({keeper.trouble}); retrying: it is valid for "
+                                f"{keeper.lease.ttl:.0f} s from its last renewal",
+                       level=logging.WARNING)
+        elif "lease" in self.troubles:
+            log.info("the lease is renewed again")
             self.troubles.discard("lease")
-        except OSError as exc:  # a full or hung filesystem: the lease lasts a while yet
-            self._once("lease", f"could not renew the lease in {self.home.path}: {exc}")
+
+    def _fence_now(self) -> None:
+        """From the lease keeper's thread, when this server must stop writing and the main
+        loop may be busy: PostgreSQL's immediate shutdown writes nothing more."""
+        server = self.server
+        if server is not None and server.alive():
+            server.process.send_signal(signal.SIGQUIT)
+            log.error("stopped PostgreSQL at once: %s", self.keeper.lost or self.keeper.lapsed)
+
+    def _renew_before_start(self) -> None:
+        """Renew the lease just before PostgreSQL starts again: while it was down (a full
+        disk can last hours) another serve may have taken the home over."""
+        def renewed() -> bool:
+            try:
+                self.keeper.renew_now()
+                return True
+            except OSError:
+                return False
+        if not until(renewed, self.keeper.lease.ttl, interval=1):
+            raise LeaseExpired(f"could not renew the home's lease before restarting "
+                               f"PostgreSQL ({self.keeper.trouble}); stopping, since another "
+                               "serve may take the home over")
 
     def _disk_full(self) -> bool:
         """Whether the disk holding the data is full; said once when it fills, and once
@@ -394,11 +433,11 @@ class Serve:
                            "Free some space there; everything carries on by itself")
         return True
 
-    def _once(self, trouble: str, message: str) -> None:
+    def _once(self, trouble: str, message: str, level: int = logging.ERROR) -> None:
         """Log a trouble when it starts, not at every check while it lasts."""
         if trouble not in self.troubles:
             self.troubles.add(trouble)
-            log.error("%s", message)
+            log.log(level, "%s", message)
 
     def _withdraw(self, reason: str) -> None:
         """Withdraw the endpoint; a failed write (full disk) must not stop what follows."""
@@ -423,6 +462,7 @@ class Serve:
                     f"PostgreSQL died {len(self.restarts)} times in 10 minutes (last exit "
                     f"code {code}); giving up. See {self.home.server_log}",
                     detail="server log (last lines):\n" + log_tail(self.home.server_log))
+        self._renew_before_start()
         log.warning("PostgreSQL exited (code %s); restarting it", code)
         self.server.start()
         self._publish()
@@ -455,10 +495,25 @@ class Serve:
         server = self.server
         if self.front is not None:
             self.front.pool.stop()  # first: no client reaches the server through it now
+        if self.keeper is not None:  # found while a stop was under way, say
+            self.lease_lost = self.lease_lost or bool(self.keeper.lost)
+            self.fenced = self.fenced or (bool(self.keeper.lapsed) and not self.lease_lost)
         if self.lease_lost:
-            # Another server owns the home now: stop writing at once and touch nothing.
+            # Another serve may be starting PostgreSQL on this data directory right now:
+            # not one more write from ours (immediate shutdown), and the endpoint is
+            # withdrawn only if it still names this server, never the new holder's.
             if server is not None:
                 server.stop(fast_timeout=0)
+            self._withdraw_if_ours("this server lost the home's lease")
+            self.keeper.stop()
+            return
+        if self.fenced:
+            # A taker may act SKEW s after the lapse: withdraw, then a fast shutdown (its
+            # checkpoint takes a moment), and no last backup.
+            self._withdraw_if_ours("this server could not renew the home's lease")
+            if server is not None:
+                server.stop(fast_timeout=lease.SKEW / 2, immediate_timeout=lease.SKEW / 4)
+            self._release()
             return
         self._withdraw(self.stop_reason or "serve ended")
         if self.renew and self._ends_chain():
@@ -478,11 +533,24 @@ class Serve:
             else:
                 log.warning("PostgreSQL stopped, but pg_controldata says %r; the next start "
                             "will recover from the WAL", state)
-        if self.lease is not None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.keeper is not None:
             try:
-                lease.release(self.home, self.lease)
+                lease.release(self.home, self.keeper.stop())
             except OSError as exc:
                 log.warning("could not release the lease (%s); it expires by itself", exc)
+
+    def _withdraw_if_ours(self, reason: str) -> None:
+        """Withdraw the endpoint if it still names this server's PostgreSQL."""
+        published = endpoint.read_raw(self.home) or {}
+        server = self.server
+        if (server is not None and server.process is not None
+                and published.get("state") == endpoint.SERVING
+                and published.get("node") == self.job.node
+                and published.get("pid") == server.process.pid):
+            self._withdraw(reason)
 
 
 def serve(home_option, *, host: str = "", interface: str = "",
@@ -492,34 +560,101 @@ def serve(home_option, *, host: str = "", interface: str = "",
                  renew=renew).run()
 
 
-def request_stop(home_option, wait: float = 0) -> bool:
+@dataclass(frozen=True)
+class StopReport:
+    """What `pgjob stop` verified: `stopped` only when nothing serves the home any more."""
+
+    stopped: bool
+    message: str
+
+
+def request_stop(home_option, wait: float = 0) -> StopReport:
     """Ask the serving process to stop, from any node that sees the home.
 
-    Returns True when nothing serves the home any more (at once, or within `wait` s).
-    A serve that died without cleaning up (its lease no longer renewed) counts as stopped.
+    Stopped means verified: the serve record is gone (or proven stale: its process is gone
+    from this node, or the lease is no longer its) and no published endpoint answers.
+    Nothing is deleted that is not proven stale; otherwise the report says what was seen.
     """
     home = open_home(home_option).require()
-    record = read_record(home)
-    if not record and endpoint.read(home) is None:
-        return True
+    if not read_record(home) and endpoint.read(home) is None:
+        return StopReport(True, "stopped (nothing serves this home)")
     home.write(home.stop_request, f"{time.time()}\n")
+    record = read_record(home)
     if record_is_live(record):
         try:
             os.kill(record["pid"], signal.SIGTERM)
         except ProcessLookupError:
             pass
+    seen = [""]
 
-    def nothing_serves() -> bool:
-        if not home.serve_record.exists():
-            return True
-        held = lease.read(home)
-        if held is None or held.expired() or held.holder_gone():
-            home.serve_record.unlink(missing_ok=True)  # left by a serve that died
-            home.stop_request.unlink(missing_ok=True)
-            stale = endpoint.read(home)
-            if stale is not None and endpoint.check(stale, timeout=3) is not None:
-                endpoint.withdraw(home, "its serve process died")
-            return True
+    def verified() -> bool:
+        seen[0] = still_serving(home)
+        return not seen[0]
+
+    if until(verified, wait, interval=0.2):
+        return StopReport(True, "stopped")
+    if not wait:
+        return StopReport(False, "stop requested (use --wait SECONDS to wait for it)")
+    return StopReport(False, f"asked to stop {wait:.0f} s ago, but {seen[0]}. The stop "
+                             "request stays in place: serve acts on it when it runs again")
+
+
+def still_serving(home: Home) -> str:
+    """What still serves the home, in words; "" when verified that nothing does. A serve
+    record proven stale is cleaned up, with the endpoint it left if that no longer answers."""
+    record = read_record(home)
+    if record and not _record_stale(home, record):
+        published = endpoint.read(home)
+        answers = published is not None and endpoint.check(published, timeout=3) is None
+        where = f"pid {record.get('pid')} on node {record.get('node')}, job " \
+                f"{record.get('job_id') or '-'}"
+        if answers:
+            return (f"the server still answers at {published.host}:{published.port} and its "
+                    f"pgjob serve ({where}) still runs; it may be stopped (SIGSTOP) or hung: "
+                    "see `pgjob status` and the job's log")
+        if record.get("node") == scheduler.node_name():
+            return f"its pgjob serve ({where}) still runs (shutting down, or hung)"
+        return (f"its pgjob serve ({where}) may still run: its server does not answer, but "
+                "pgjob cannot see processes on another node. If that job has ended, "
+                "`pgjob break-lease`, then `pgjob stop` again")
+    if record:
+        home.serve_record.unlink(missing_ok=True)  # proven stale: its serve is gone
+        home.stop_request.unlink(missing_ok=True)
+        stale = endpoint.read(home)
+        if (stale is not None and (stale.node, stale.job_id) == (record.get("node"),
+                                                                 record.get("job_id"))
+                and endpoint.check(stale, timeout=3) is not None):
+            endpoint.withdraw(home, "its serve process died")
+    published = endpoint.read(home)
+    if published is not None and endpoint.check(published, timeout=3) is None:
+        return (f"a server still answers at {published.host}:{published.port} (node "
+                f"{published.node}, job {published.job_id or '-'}) with no pgjob serve "
+                "record; see `pgjob status`")
+    return ""
+
+
+def _record_stale(home: Home, record: dict) -> bool:
+    """True when the recorded serve is provably gone: on this node, its process is; on
+    another, the lease is no longer its (released, broken, taken over)."""
+    if record.get("node") == scheduler.node_name():
+        return not record_is_live(record)
+    try:
+        current = lease.read_current(home)
+    except OSError:
+        return False  # cannot tell
+    if current.lease is None:
+        return current.generation == 0 and not current.problem
+    try:
+        return not current.lease.held_by(record["node"], record["pid"], record["create_time"])
+    except KeyError:
         return False
 
-    return bool(until(nothing_serves, wait, interval=0.2))
+
+def break_lease(home_option) -> str:
+    """`pgjob break-lease`: release the lease of a holder that is gone but cannot be
+    proven gone (a job killed on another node, a clock far ahead), so that a new serve can
+    start at once. Refused while a serve of this home runs on this node or its published
+    server answers, or while the lease is being renewed."""
+    home = open_home(home_option).require()
+    refuse_second_serve(home)
+    return lease.break_held(home)

@@ -1,12 +1,15 @@
 """Nothing lost: the lease, crash recovery, workers that follow a restarted server,
 stale trials failed and retried, backups. On one machine; tests/test_slurm.py has the
 same across nodes."""
+import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import optuna
+import psutil
 import pytest
 
 from conftest import Served, run_pgjob
@@ -130,7 +133,7 @@ def test_a_lease_renewed_by_another_node_refuses_a_second_server(home_path, tmp_
     home = open_home(home_path)
     held = lease.Lease(token="other", node="node-elsewhere", job_id="77", pid=1,
                        create_time=0.0, generation=4, renewed_at=time.time())
-    lease._write(home, held)
+    lease._create(home, held)
     stop = time.monotonic() + 20
 
     def keep_renewing():
@@ -154,25 +157,174 @@ def test_a_lease_renewed_by_another_node_refuses_a_second_server(home_path, tmp_
 
 def test_an_expired_lease_of_a_dead_job_is_taken_over(home_path, tmp_path):
     home = open_home(home_path)
-    lease._write(home, lease.Lease(token="dead", node="node-elsewhere", job_id="78", pid=1,
-                                   create_time=0.0, generation=4, renewed_at=time.time(),
-                                   ttl=3))
+    lease._create(home, lease.Lease(token="dead", node="node-elsewhere", job_id="78", pid=1,
+                                    create_time=0.0, generation=4,
+                                    renewed_at=time.time() - 20, ttl=3))
     served = Served(home_path, tmp_path / "serve.log")
     served.endpoint()
     taken = lease.read(home)
-    assert taken.token != "dead" and taken.generation == 5
+    assert taken.token != "dead" and taken.generation >= 5  # renewed since: 6, 7, ...
     served.stop()
 
 
 def test_a_server_whose_lease_is_stolen_stops_at_once(server, home_path):
     home = open_home(home_path)
     postmaster = server.postmaster()
-    lease._write(home, lease.Lease(token="thief", node="node-elsewhere", job_id="79", pid=1,
-                                   create_time=0.0, generation=99, renewed_at=time.time()))
+    lease._create(home, lease.Lease(token="thief", node="node-elsewhere", job_id="79", pid=1,
+                                    create_time=0.0, generation=99, renewed_at=time.time()))
     assert server.process.wait(30) == 9
     assert not postmaster.is_running()
     assert "lost the home's lease" in server.log.read_text()
     assert lease.read(home).token == "thief"  # left to its new holder
+    assert endpoint.read(home) is None  # no client is sent to the server that stopped
+
+
+def test_a_server_that_lost_its_lease_leaves_the_new_holder_s_endpoint(server, home_path):
+    home = open_home(home_path)
+    ours = server.endpoint()
+    theirs = dataclasses.replace(ours, node="node-elsewhere", job_id="80", pid=1,
+                                 generation=ours.generation + 1)
+    endpoint.publish(home, theirs)
+    lease._create(home, lease.Lease(token="thief", node="node-elsewhere", job_id="80", pid=1,
+                                    create_time=0.0, generation=99, renewed_at=time.time()))
+    assert server.process.wait(30) == 9
+    assert endpoint.read_raw(home)["job_id"] == "80"  # the new holder's, untouched
+    assert endpoint.read_raw(home)["state"] == endpoint.SERVING
+
+
+def lease_files(home_path):
+    return list((home_path / "run").glob("lease*.json"))
+
+
+def test_a_lease_unreadable_for_a_while_keeps_the_server_serving(server, home_path):
+    found = server.endpoint()
+    unreadable = lease_files(home_path)
+    for path in unreadable:
+        path.chmod(0)
+    try:
+        assert until(lambda: "could not renew the lease" in server.log.read_text()
+                     or server.process.poll() is not None, 60, 0.2)
+        time.sleep(2)  # a little longer: still unreadable, still serving
+        assert server.process.poll() is None, server.log.read_text()
+        assert endpoint.read(open_home(home_path)) == found
+        assert endpoint.check(found) is None
+    finally:
+        for path in unreadable:
+            path.chmod(0o600)
+    assert until(lambda: "the lease is renewed again" in server.log.read_text(), 60, 0.2)
+    assert server.log.read_text().count("could not renew the lease") == 1  # said once
+    assert server.stop() == 0
+
+
+def test_a_lease_stamped_far_in_the_future_is_taken_over_after_a_window(home_path, tmp_path):
+    home = open_home(home_path)
+    lease._create(home, lease.Lease(token="ahead", node="node-elsewhere", job_id="81", pid=1,
+                                    create_time=0.0, generation=4,
+                                    renewed_at=time.time() + 10 * 86400, ttl=3))
+    served = Served(home_path, tmp_path / "serve.log")
+    served.endpoint(timeout=120)
+    log = served.log.read_text()
+    assert "stamped in the future" in log and "pgjob break-lease" in log
+    assert "took the home's lease" in log and "not renewed for" in log
+    assert lease.read(home).token != "ahead"
+    assert served.stop() == 0
+
+
+def test_break_lease_frees_a_home_at_once_and_is_refused_while_a_server_runs(home_path,
+                                                                             tmp_path):
+    home = open_home(home_path)
+    lease._create(home, lease.Lease(token="ahead", node="node-elsewhere", job_id="82", pid=1,
+                                    create_time=0.0, generation=4,
+                                    renewed_at=time.time() + 10 * 86400))
+    done = run_pgjob("break-lease", "--home", str(home_path))
+    assert done.returncode == 0 and "released the home's lease" in done.stdout, done.stderr
+    served = Served(home_path, tmp_path / "serve.log")
+    found = served.endpoint()
+    assert "watching it" not in served.log.read_text()  # no wait for the window
+    held = lease.read(home)
+    refused = run_pgjob("break-lease", "--home", str(home_path))
+    assert refused.returncode == 7 and "pgjob stop" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert lease.read(home).token == held.token and endpoint.check(found) is None
+    assert served.stop() == 0
+
+
+def postmasters_on(data):
+    found = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if "-D" in cmdline and str(data) in cmdline:
+            found.add(p.info["pid"])
+    return found
+
+
+AT_THE_SIGNAL = """
+import pathlib, sys, time
+from pgjob.cli import main
+go = pathlib.Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.001)
+sys.argv[:] = ["pgjob", *sys.argv[2:]]
+main()
+"""
+
+
+def test_two_serves_started_at_once_run_one_postmaster(home_path, tmp_path):
+    data, go = home_path / "data", tmp_path / "go"
+    lock = home_path / "run" / "lease.lock"  # what a serve killed while taking it left
+    lock.touch()
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    logs = [tmp_path / f"serve-{n}.log" for n in (1, 2)]
+    # both imported and waiting, then released within a millisecond of each other
+    both = [subprocess.Popen([sys.executable, "-c", AT_THE_SIGNAL, str(go), "serve",
+                              "--home", str(home_path), "--host", "127.0.0.1"],
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            for log in logs]
+    seen = set()
+    try:
+        time.sleep(3)
+        go.touch()
+
+        def settled():
+            seen.update(postmasters_on(data))
+            return sum(p.poll() is not None for p in both) == 1 and \
+                endpoint.read(open_home(home_path)) is not None
+        assert until(settled, 120, 0.05), [log.read_text() for log in logs]
+        for _ in range(40):  # a while longer: the loser must not start one late
+            seen.update(postmasters_on(data))
+            time.sleep(0.05)
+        loser = next(n for n, p in enumerate(both) if p.poll() is not None)
+        winner = both[1 - loser]
+        assert len(seen) == 1, seen
+        assert both[loser].returncode == 7
+        said = logs[loser].read_text()
+        assert "pgjob: error:" in said and "Traceback" not in said  # AlreadyServing
+        assert endpoint.read(open_home(home_path)).pid in seen
+        winner.terminate()
+        assert winner.wait(60) == 0
+    finally:
+        for p in both:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+
+
+def test_stop_during_a_stall_longer_than_the_lease_says_the_server_still_answers(
+        server, home_path):
+    found = server.endpoint()
+    record = home_path / "run" / "serve.json"
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(lease.TTL + 2)  # stalled longer than the lease lasts unrenewed
+        done = run_pgjob("stop", "--home", str(home_path), "--wait", "3")
+        assert done.returncode != 0 and "stopped" not in done.stdout
+        assert "still answers" in done.stderr and "Traceback" not in done.stderr
+        assert record.exists()
+        assert endpoint.check(found) is None
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    assert server.process.wait(60) == 0  # the stop request it finds when it runs again
+    assert not record.exists() and endpoint.read(open_home(home_path)) is None
 
 
 def test_backup_on_demand_at_stop_and_restore_into_a_new_home(server, home_path, tmp_path):

@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(smal
 
     home = small_disk / "home"
     run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", check=True)
-    served = Served(home, tmp_path / "serve.log")
+    served = Served(home, tmp_path / "serve.log", env={"PGJOB_LEASE_TTL": "10"})
     study_url = served.endpoint().sqlalchemy_url()
     optuna.create_study(storage=study_url, study_name="full")
     filler = small_disk / "filler"
@@ -106,6 +107,8 @@ def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(smal
     status = run_pgjob("status", "--home", str(home))
     assert status.returncode in (1, 2), status.stdout  # degraded, or down if it crashed
     assert worker.poll() is None  # waiting for the server, not crashed
+    time.sleep(12)  # full for longer than the lease's ttl: renewing it needs no new block
+    assert served.process.poll() is None, served.log.read_text()
     filler.unlink()
     assert worker.wait(300) == 0, worker_err.read_text()
     trials = optuna.load_study(study_name="full",

@@ -269,7 +269,7 @@ def test_a_server_whose_lease_is_stolen_stops(cluster, slurm, cluster_home):
 
     job = serve_job(slurm, cluster_home, "node2")
     published(cluster_home)
-    lease._write(open_home(cluster_home), lease.Lease(
+    lease._create(open_home(cluster_home), lease.Lease(
         token="thief", node="elsewhere", job_id="0", pid=1, create_time=0.0, generation=99,
         renewed_at=time.time()))
     assert slurm.wait_state(job, FINISHED, 60) == "FAILED"
