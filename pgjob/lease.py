@@ -40,7 +40,7 @@ import psutil
 
 from . import scheduler
 from .errors import AlreadyServing, LeaseLost, PgJobError
-from .home import Home
+from .home import Home, fsync_folder
 from .waiting import until
 
 log = logging.getLogger("pgjob.lease")
@@ -195,15 +195,10 @@ def _create(home: Home, lease: Lease) -> None:
             out.write(json.dumps(dataclasses.asdict(lease), indent=2) + "\n")
             out.flush()
             os.fsync(out.fileno())
-        home.give(Path(tmp))
         os.link(tmp, final)
     finally:
         os.unlink(tmp)
-    dir_fd = os.open(home.run, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_folder(home.run)
 
 
 def _prune(home: Home, lease: Lease) -> None:

@@ -4,7 +4,7 @@ A rotation never leaves a password that only the server knows: the new one is fi
 written, fsynced, to its own file (secrets/app.pgpass.pending, created exclusively, 0600),
 then set on the server, then renamed over app.pgpass. Cut short between the last two
 steps (a crash, a job's end, a full disk), it leaves the pending file, and
-`finish_rotation` (run by the next `pgjob rotate-password` and by `pgjob init`) keeps
+`finish_rotation` (run by the next `pgjob rotate-password`, `pgjob init` and `pgjob serve`) keeps
 whichever of the two passwords the server accepts.
 """
 from __future__ import annotations

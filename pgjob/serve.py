@@ -21,7 +21,8 @@ from typing import Callable
 
 import psutil
 
-from . import backup, binaries, conf, endpoint, lease, netinfo, pooler, scheduler, submit, tls
+from . import (backup, binaries, conf, endpoint, lease, netinfo, passwords, pooler,
+               scheduler, submit, tls)
 from .cluster import Server, cluster_state, connect, log_tail, private_socket_dir
 from .endpoint import Endpoint
 from .errors import AlreadyServing, LeaseExpired, LeaseLost, PgJobError, ServerFailed
@@ -205,6 +206,9 @@ class Serve:
             if note:
                 log.warning("%s", note)
             self._start_on_a_free_port(socket_dir)
+            if home.pending_passfile.exists():  # a rotation cut short: settle it first
+                passwords.finish_rotation(home, passwords.socket_probe(
+                    socket_dir, self.server.port, settings))
             ensure_optuna_schema(socket_dir, self.server.port, settings, home.app_passfile)
             self._publish()
             log.info("serving %s at %s:%d (node %s, job %s%s)", home.path, self.address,

@@ -104,6 +104,18 @@ def test_a_rotation_cut_short_while_nothing_serves_is_finished_by_init(server, h
     again.stop()
 
 
+def test_a_rotation_cut_short_while_nothing_serves_is_finished_by_the_next_serve(
+        server, home_path, tmp_path):
+    line = cut_short_after_alter_role(server, home_path)
+    server.stop()
+    again = Served(home_path, tmp_path / "again.log")
+    again.endpoint()  # it serves, and workers (app.pgpass) get in
+    assert url_works(home_path)
+    assert (home_path / "secrets" / "app.pgpass").read_text() == line
+    assert not (home_path / "secrets" / "app.pgpass.pending").exists()
+    again.stop()
+
+
 def test_a_pending_password_the_server_never_took_is_dropped_by_init(server, home_path):
     passfile = home_path / "secrets" / "app.pgpass"
     old = passfile.read_text()
