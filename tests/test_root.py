@@ -72,6 +72,17 @@ def small_disk():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def fill(filler: Path) -> None:
+    """Write `filler` until its disk is full to the last block."""
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * (1 << 20))
+                out.flush()
+        except OSError:
+            pass
+
+
 def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(small_disk,
                                                                            tmp_path):
     import optuna
@@ -82,13 +93,7 @@ def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(smal
     study_url = served.endpoint().sqlalchemy_url()
     optuna.create_study(storage=study_url, study_name="full")
     filler = small_disk / "filler"
-    with open(filler, "wb") as out:  # fill the disk to the last block
-        try:
-            while True:
-                out.write(b"\0" * (1 << 20))
-                out.flush()
-        except OSError:
-            pass
+    fill(filler)
     # each trial carries 10 kB that do not compress, so the study soon needs space the disk no longer has
     worker = subprocess.Popen(
         [sys.executable, "-c",
@@ -275,13 +280,7 @@ def test_a_full_disk_fails_backup_and_rotation_clearly_and_the_password_still_wo
     served.endpoint()
     old = (home / "secrets" / "app.pgpass").read_text()
     filler = small_disk / "filler"
-    with open(filler, "wb") as out:  # fill the disk to the last block
-        try:
-            while True:
-                out.write(b"\0" * (1 << 20))
-                out.flush()
-        except OSError:
-            pass
+    fill(filler)
     done = run_pgjob("backup", "--home", str(home))
     assert done.returncode in (3, 6) and "Traceback" not in done.stderr, done.stderr
     assert list((home / "backups").iterdir()) == []  # nothing half-written kept
