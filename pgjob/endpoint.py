@@ -143,6 +143,17 @@ def check(endpoint: Endpoint, timeout: float = 5) -> str | None:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _serve_gone(home: Home) -> str:
+    """Why a published server may not answer: its serve was killed without withdrawing."""
+    from . import lease  # here: workers import this module and need no lease machinery
+
+    held = lease.read(home)
+    if held is not None and (held.released or held.holder_gone() or held.expired()):
+        return ("; the serve that published it is gone (killed outright, or its node or job "
+                "ended), so nothing will answer there: start a new serve")
+    return ""
+
+
 def wait_connectable(home: Home, timeout: float = 0) -> Endpoint:
     """The published endpoint once an authenticated connection to it succeeds.
 
@@ -159,7 +170,7 @@ def wait_connectable(home: Home, timeout: float = 0) -> Endpoint:
         if problem:
             last_problem[:] = [f"the server published at {found.host}:{found.port} "
                                f"(node {found.node}, job {found.job_id or '-'}) does not "
-                               f"accept connections: {problem}"]
+                               f"accept connections: {problem}{_serve_gone(home)}"]
             return None
         return found
 

@@ -101,6 +101,15 @@ def test_a_killed_serve_takes_its_postmaster_with_it(server, home_path):
     assert until(lambda: not postmaster.is_running(), 30)
 
 
+def test_url_after_serve_was_killed_outright_says_its_serve_is_gone(server, home_path):
+    postmaster = server.postmaster()
+    server.stop(signal.SIGKILL)  # no chance to withdraw: the endpoint still says serving
+    assert until(lambda: not postmaster.is_running(), 30)
+    done = run_pgjob("url", "--home", str(home_path))
+    assert done.returncode == 2 and "the serve that published it is gone" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_dead_postmaster_is_restarted_and_republished(server, home_path):
     first = server.endpoint()
     os.kill(first.pid, signal.SIGKILL)
