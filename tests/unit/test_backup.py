@@ -117,7 +117,8 @@ def test_an_out_folder_that_cannot_be_made_or_written_is_a_clear_error(home, bin
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if os.access(locked, os.W_OK):
-        pytest.skip("root writes into a 0500 folder anyway")
+        pytest.skip("running as root, which may write into a 0500 folder, so an unwritable "
+                    "--out cannot be made here; ./dev test runs this as an unprivileged user")
     with pytest.raises(PgJobError, match="could not write a backup into .*locked"):
         dump(home, bindir, out_dir=locked)
 
