@@ -6,6 +6,7 @@ root); tests marked `root` are the ones that check pgjob's own handling of root.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from pgjob.initialize import init
 
 IS_ROOT = os.geteuid() == 0
 LOOPBACK = ("--host", "127.0.0.1")
-PG_FIXTURES = {"server", "home_path", "template_home"}
+PG_FIXTURES = {"server", "home_path", "template_home", "fast_server"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -135,3 +136,32 @@ def server(home_path, tmp_path):
         served.stop()
     served.process.wait(60)
 
+
+
+def set_settings(home: Path, **changes) -> None:
+    """Write `changes` into the home's pgjob.toml; serve and workers read it when they start."""
+    opened = open_home(home)
+    opened.save_settings(dataclasses.replace(opened.settings(), **changes))
+
+
+FAST = {"heartbeat_interval": 1, "grace_period": 3}
+
+
+@pytest.fixture(scope="module")
+def fast_server(template_home, tmp_path_factory):
+    """One `pgjob serve` for a whole module, on a home whose pgjob.toml sets 1 s heartbeats
+    and a 3 s grace period (FAST), so that the server judges trials within seconds. Tests
+    sharing it use studies of their own names."""
+    base = tmp_path_factory.mktemp("fast")
+    path = base / "home"
+    shutil.copytree(template_home, path, symlinks=True)
+    set_settings(path, **FAST)
+    served = Served(path, base / "serve.log")
+    Served.started.remove(served)  # it outlives each test: stopped below, after the module
+    try:
+        served.endpoint()
+        yield served
+    finally:
+        if served.process.poll() is None:
+            served.stop()
+        served.process.wait(60)
