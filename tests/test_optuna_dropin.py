@@ -82,6 +82,7 @@ def test_a_plain_url_client_s_long_trial_completes_beside_pgjob_workers(fast_ser
 
 RACER = """
 import pathlib, sys, time, optuna, pgjob
+import alembic.migration, optuna.storages._rdb.models  # imported before, so that they race
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 home, barrier, n = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
 (barrier / f"ready-{n}").touch()
@@ -147,6 +148,7 @@ def test_the_heartbeat_interval_optuna_sees_is_the_one_passed(fast_server):
     assert passed.get_heartbeat_interval() == 7
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study")
 def test_optuna_s_stale_trial_callback_is_called_for_a_stale_optuna_heartbeat(fast_server):
     """A trial whose Optuna heartbeat stopped (its worker hung) is failed by Optuna's
     fail_stale_trials, which calls the callback passed to pgjob's storage."""

@@ -123,7 +123,7 @@ def test_deleting_a_study_keeps_the_heartbeats_of_the_process_s_other_trials(fas
     optuna.delete_study(study_name="deleted", storage=storage)
     for _ in range(2):  # it goes on beating, not just once more
         after = beat(found, kept_id)
-        assert until(lambda: beat(found, kept_id) > after, 30), \
+        assert until(lambda: (beat(found, kept_id) or after) > after, 30), \
             "the kept study's running trial got no heartbeat after the delete"
     assert pgjob_warnings(caplog.records) == []
     kept.tell(running, 1.0)
@@ -145,23 +145,21 @@ def backends_on(found, ports) -> int:
                             "and pid <> pg_backend_pid()", (list(ports),)).fetchone()[0]
 
 
-def _leave_a_running_trial(home) -> None:
-    storage = pgjob.optuna_storage(home)
-    optuna.create_study(study_name="dropped", storage=storage).ask()
-
-
 def test_a_dropped_storage_ends_its_thread_and_its_connections(fast_server):
     found = fast_server.endpoint()
     threads_before, ports_before = heartbeat_threads(), server_ports(found.port)
-    _leave_a_running_trial(fast_server.home_path)  # storage, study, trial: all unreachable
+    storage = pgjob.optuna_storage(fast_server.home_path)
+    optuna.create_study(study_name="dropped", storage=storage).ask()  # left RUNNING
     [trial_id] = trial_ids(found, "dropped")
     assert until(lambda: beat(found, trial_id), 30)
     [thread] = heartbeat_threads() - threads_before
     ours = server_ports(found.port) - ports_before
     assert backends_on(found, ours) >= 1  # the storage's connection, as the server sees it
+    del storage  # the study and trial above were never kept
     gc.collect()
     assert until(lambda: not thread.is_alive(), 30), "the heartbeat thread outlived its storage"
-    assert heartbeat_threads() == threads_before
+    # nor does any other: the storages of the tests before are unreachable too by now
+    assert until(lambda: not heartbeat_threads(), 30), heartbeat_threads()
     assert until(lambda: backends_on(found, ours) == 0, 30), \
         "the dropped storage's connections are still open on the server"
 
@@ -189,6 +187,7 @@ def test_a_heartbeat_that_cannot_be_written_is_said_once_and_its_recovery_too(fa
         finally:
             conn.execute("grant all on pgjob_heartbeats to current_user")
     assert until(lambda: any("written again" in m for m in said(logging.INFO)), 30)
-    [warning] = said(logging.WARNING)
-    assert "permission denied" in warning and "pgjob_heartbeats" in warning
+    warnings = said(logging.WARNING)
+    assert len(warnings) == 1, f"said {len(warnings)} times: {warnings}"
+    assert "permission denied" in warnings[0] and "pgjob_heartbeats" in warnings[0]
     study.tell(trial, 0.0, skip_if_finished=True)  # the server may have judged it meanwhile
