@@ -51,6 +51,17 @@ def run_pgjob(*args: str, timeout: float = 120, env: dict | None = None,
     return done
 
 
+def trial_states(found, study: str) -> dict[str, int]:
+    """{state: count} of a study's trials; {} before the first worker made Optuna's tables
+    (pgjob init makes none)."""
+    with found.connect() as conn:
+        if not conn.execute("select to_regclass('trials') is not null").fetchone()[0]:
+            return {}
+        return dict(conn.execute(
+            "select t.state::text, count(*) from trials t join studies s using (study_id) "
+            "where s.study_name = %s group by 1", (study,)).fetchall())
+
+
 def skip_unless_ci(reason: str) -> None:
     """Skip for a missing part of the test rig; with CI=true, where `./dev test` provides
     all of it, a missing part is a failure, never a skip."""

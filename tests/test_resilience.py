@@ -12,7 +12,7 @@ import optuna
 import psutil
 import pytest
 
-from conftest import Served, run_pgjob
+from conftest import Served, run_pgjob, trial_states as states
 from pgjob import endpoint, lease
 from pgjob.home import open_home
 from pgjob.waiting import until
@@ -43,13 +43,6 @@ def start_worker(home_path, tmp_path, study, trials, pause, env=None):
     return subprocess.Popen([sys.executable, str(script), str(home_path), study, str(trials),
                              str(pause)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}), log.name
-
-
-def states(found, study):
-    with found.connect() as conn:
-        return dict(conn.execute(
-            "select t.state::text, count(*) from trials t join studies s using (study_id) "
-            "where s.study_name = %s group by 1", (study,)).fetchall())
 
 
 def test_workers_carry_on_across_a_server_restart_on_another_port(home_path, tmp_path):
