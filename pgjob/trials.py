@@ -117,9 +117,14 @@ class StaleTrialSweeper:
     def __init__(self, url: str, settings: Settings) -> None:
         self.url = url
         self.settings = settings
+        self._engine = None
         self._storage = None
 
-    def _open(self):
+    def _open_storage(self):
+        """Optuna's storage, for failing and re-queueing: only once a pgjob worker has
+        made the tables. (Built on a database without them, RDBStorage would write a
+        version row and stamp a revision of the server's Optuna into a schema that another
+        Optuna may be making at that moment.)"""
         import optuna
         from sqlalchemy.pool import NullPool
 
@@ -131,19 +136,20 @@ class StaleTrialSweeper:
 
     def declared(self) -> list[Declared]:
         import sqlalchemy
+        from sqlalchemy.pool import NullPool
 
-        with self._storage.engine.begin() as conn:
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
+        with self._engine.begin() as conn:
             if not conn.execute(sqlalchemy.text(
                     "select to_regclass('public.pgjob_heartbeats') is not null")).scalar():
-                return []
+                return []  # no pgjob worker yet: nothing to judge
             for statement in _TIDY:
                 conn.execute(sqlalchemy.text(statement))
             return [Declared(*row) for row in conn.execute(sqlalchemy.text(_DECLARED))]
 
     def sweep(self) -> list[int]:
         """Fail the trials of dead workers; their ids."""
-        if self._storage is None:
-            self._storage = self._open()
         trials = self.declared()
         states = {job: job_state(job) for job in {t.job for t in trials if t.job}}
         dead = [t for t in trials if is_dead(t, states.get(t.job))]
@@ -153,6 +159,8 @@ class StaleTrialSweeper:
         import optuna
         from optuna.trial import TrialState
 
+        if self._storage is None:
+            self._storage = self._open_storage()
         storage = self._storage
         try:
             if not storage.set_trial_state_values(trial.trial_id, TrialState.FAIL):
@@ -171,3 +179,6 @@ class StaleTrialSweeper:
         if self._storage is not None:
             self._storage.engine.dispose()
             self._storage = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
