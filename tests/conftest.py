@@ -151,10 +151,8 @@ def server(home_path, tmp_path):
 
 def drop_optuna_schema(found: endpoint.Endpoint) -> None:
     """Drop every Optuna table and type from the study database, as the application role
-    (their owner), leaving pgjob's own (pgjob_*): the database as it is before a first client.
-
-    Until the storage branch lands, `pgjob init` still makes Optuna 5.0's tables; tests that
-    need a database no client has touched yet call this first.
+    (their owner), leaving pgjob's own (pgjob_*): the database as a fresh home has it, before
+    its first client, for tests that share one server between several first clients.
     """
     with found.connect() as conn:
         tables = [t for (t,) in conn.execute(
