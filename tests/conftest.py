@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from psycopg import sql
 
 from pgjob import endpoint
 from pgjob.home import open_home
@@ -146,3 +147,25 @@ def server(home_path, tmp_path):
         served.stop()
     served.process.wait(60)
 
+
+
+def drop_optuna_schema(found: endpoint.Endpoint) -> None:
+    """Drop every Optuna table and type from the study database, as the application role
+    (their owner), leaving pgjob's own (pgjob_*): the database as a fresh home has it, before
+    its first client, for tests that share one server between several first clients.
+    """
+    with found.connect() as conn:
+        tables = [t for (t,) in conn.execute(
+            "select tablename from pg_tables where schemaname = 'public' "
+            "and tableowner = current_user and tablename not like 'pgjob%'")]
+        types = [t for (t,) in conn.execute(
+            "select t.typname from pg_type t join pg_namespace n on n.oid = t.typnamespace "
+            "where n.nspname = 'public' and t.typtype = 'e' "
+            "and t.typowner = (select oid from pg_roles where rolname = current_user)")]
+        with conn.transaction():
+            for name in tables:
+                conn.execute(sql.SQL("drop table if exists public.{} cascade")
+                             .format(sql.Identifier(name)))
+            for name in types:
+                conn.execute(sql.SQL("drop type if exists public.{}")
+                             .format(sql.Identifier(name)))
