@@ -114,7 +114,7 @@ def test_the_control_passes_optuna_tests(runs):
     """A failure of the plain RDBStorage is the harness's (emptying, servers, a dependency),
     and it hides that test from the comparison below."""
     failed = runs["control"].ids("failed")
-    assert not failed, "the control (a plain RDBStorage) failed:\n" + _describe(
+    assert not failed, "the control (a plain RDBStorage) failed:\n" + suite.by_cause(
         runs["control"], failed)
 
 
@@ -124,7 +124,7 @@ def test_pgjob_storage_passes_what_the_control_passes(runs):
     differences = suite.documented_differences(DOC)
     broken = {t for t in _pgjob_only_failures(runs) if not suite.covered_by(t, differences)}
     assert not broken, (f"{len(broken)} of Optuna's tests pass on a plain RDBStorage but not "
-                        "on pgjob's storage:\n" + _describe(runs["pgjob"], broken))
+                        "on pgjob's storage:\n" + suite.by_cause(runs["pgjob"], broken))
 
 
 def test_every_documented_difference_is_still_one(runs):
@@ -141,8 +141,3 @@ def _pgjob_only_failures(runs) -> set[str]:
     passed_on_control = runs["control"].ids("passed")
     return {t for t, o in runs["pgjob"].outcomes.items()
             if o.state != "passed" and suite.as_control_id(t) in passed_on_control}
-
-
-def _describe(run: suite.Run, ids) -> str:
-    return "\n".join(f"  {t} ({run.outcomes[t].state})\n      "
-                     f"{suite.first_lines(run.outcomes[t].message)}" for t in sorted(ids))

@@ -6,7 +6,6 @@ pgjob_optuna_plugin.py loaded, its outcomes read from a JUnit XML report.
 """
 from __future__ import annotations
 
-import fnmatch
 import importlib.metadata
 import os
 import re
@@ -93,15 +92,24 @@ def _test_id(case: ET.Element) -> str:
     return "::".join([path, *parts[module + 1:], case.get("name", "")])
 
 
+def _error_lines(element: ET.Element) -> str:
+    """What went wrong, in pytest's words: the crash line, else the traceback's "E" lines."""
+    message = (element.get("message") or "").strip()
+    if message:
+        return message
+    lines = [ln[1:].strip() for ln in (element.text or "").splitlines() if ln.startswith("E ")]
+    return "\n".join(lines) or (element.text or "").strip()
+
+
 def read_junit(path: Path) -> dict[str, Outcome]:
     outcomes: dict[str, Outcome] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-        if bad is not None:
-            text = (bad.get("message") or "") + "\n" + (bad.text or "")
-            outcomes[_test_id(case)] = Outcome("failed", text.strip())
-        elif case.find("skipped") is not None:
-            outcomes[_test_id(case)] = Outcome("skipped", case.find("skipped").get("message", ""))
+        bad = [e for e in case if e.tag in ("failure", "error")]
+        skipped = case.find("skipped")
+        if bad:
+            outcomes[_test_id(case)] = Outcome("failed", _error_lines(bad[0]))
+        elif skipped is not None:
+            outcomes[_test_id(case)] = Outcome("skipped", _error_lines(skipped))
         else:
             outcomes[_test_id(case)] = Outcome("passed")
     return outcomes
@@ -147,8 +155,13 @@ def as_control_id(test_id: str) -> str:
 
 @dataclass(frozen=True)
 class Difference:
-    pattern: str  # a test id of the pgjob run, with fnmatch wildcards
+    pattern: str  # a test id of the pgjob run; "*" stands for any text
     reason: str
+
+    def covers(self, test_id: str) -> bool:
+        # not fnmatch: test ids have brackets, which it reads as character sets
+        return re.fullmatch(".*".join(map(re.escape, self.pattern.split("*"))),
+                            test_id) is not None
 
 
 DIFFERENCE_LINE = re.compile(r"^- `(?P<pattern>[^`]+)`: (?P<reason>\S.*)$")
@@ -156,20 +169,33 @@ DIFFERENCE_LINE = re.compile(r"^- `(?P<pattern>[^`]+)`: (?P<reason>\S.*)$")
 
 def documented_differences(doc: Path) -> list[Difference]:
     """The deliberate differences listed in `doc`: lines "- `test id pattern`: reason" in
-    its section "Deliberate differences"."""
+    its section "Deliberate differences". A list item there without a reason is an error."""
     found, inside = [], False
-    for line in doc.read_text().splitlines():
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
         if line.startswith("## "):
             inside = line.strip() == "## Deliberate differences"
-        elif inside and (m := DIFFERENCE_LINE.match(line)):
+        elif inside and line.startswith("- "):
+            m = DIFFERENCE_LINE.match(line)
+            if not m:
+                raise ValueError(f"{doc}:{number}: a deliberate difference is written "
+                                 f"- `test id`: reason; got {line!r}")
             found.append(Difference(m["pattern"], m["reason"]))
     return found
 
 
 def covered_by(test_id: str, differences: list[Difference]) -> Difference | None:
-    return next((d for d in differences if fnmatch.fnmatchcase(test_id, d.pattern)), None)
+    return next((d for d in differences if d.covers(test_id)), None)
 
 
-def first_lines(text: str, n: int = 4) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return "\n      ".join(lines[:n])
+def by_cause(run: Run, ids) -> str:
+    """`ids` of `run` grouped by the first lines of their errors, for a failure message."""
+    groups: dict[str, list[str]] = {}
+    for test_id in sorted(ids):
+        outcome = run.outcomes[test_id]
+        # without object addresses, so that one cause is one group
+        message = re.sub(r" at 0x[0-9a-f]+", "", outcome.message)
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+        cause = "\n    ".join([f"({outcome.state})", *lines[:3]])
+        groups.setdefault(cause, []).append(test_id)
+    return "\n".join(f"  {cause}\n" + "".join(f"      {t}\n" for t in tests)
+                     for cause, tests in groups.items())
