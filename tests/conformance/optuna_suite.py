@@ -68,7 +68,7 @@ def optuna_tests(version: str | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Outcome:
-    state: str  # "passed", "failed" (failure or error), "skipped"
+    state: str  # "passed", "failed" (failure or error), "skipped"; "not run" when missing
     message: str = ""
 
 
@@ -116,7 +116,7 @@ def read_junit(path: Path) -> dict[str, Outcome]:
 
 
 def run(mode: str, homes: list[Path], paths: list[str], report: Path, *,
-        select: str = "", timeout: float = 1800) -> Run:
+        timeout: float = 900) -> Run:
     """Optuna's tests under `paths` (relative to the sdist), with the storage modes of
     `mode` ("pgjob" or "control") on the servers of `homes`."""
     root = optuna_tests()
@@ -127,15 +127,18 @@ def run(mode: str, homes: list[Path], paths: list[str], report: Path, *,
                [str(PLUGIN_DIR), pgjob_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", PLUGIN, "-q",
            "--color=no", "-o", "addopts=", f"--junitxml={report}", *paths]
-    if select:
-        cmd += ["-k", select]
     started = time.monotonic()
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    seconds = time.monotonic() - started
-    output = done.stdout + done.stderr
+    try:
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        returncode, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:  # its tests count as not run
+        returncode = -1
+        output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                         for x in (exc.stdout, exc.stderr))
+        output += f"\n(stopped after {timeout:.0f} s: {' '.join(paths)})"
     outcomes = read_junit(report) if report.exists() else {}
-    return Run(mode, outcomes, seconds, done.returncode, output)
+    return Run(mode, outcomes, time.monotonic() - started, returncode, output)
 
 
 def merge(shards: list[Run]) -> Run:
@@ -146,11 +149,13 @@ def merge(shards: list[Run]) -> Run:
 
 
 # Test ids of the pgjob run name its modes; the control's name "rdb" and "cached_rdb".
-_PGJOB_MODE = re.compile(r"(?<=[\[-])(cached_)?pgjob(?=[\]-])")
+def _mode_swapper(old: str, new: str):
+    pattern = re.compile(rf"(?<=[\[-])(cached_)?{old}(?=[\]-])")
+    return lambda test_id: pattern.sub(lambda m: f"{m.group(1) or ''}{new}", test_id)
 
 
-def as_control_id(test_id: str) -> str:
-    return _PGJOB_MODE.sub(lambda m: f"{m.group(1) or ''}rdb", test_id)
+as_control_id = _mode_swapper("pgjob", "rdb")
+as_pgjob_id = _mode_swapper("rdb", "pgjob")
 
 
 @dataclass(frozen=True)
@@ -187,11 +192,10 @@ def covered_by(test_id: str, differences: list[Difference]) -> Difference | None
     return next((d for d in differences if d.covers(test_id)), None)
 
 
-def by_cause(run: Run, ids) -> str:
-    """`ids` of `run` grouped by the first lines of their errors, for a failure message."""
+def by_cause(outcomes: dict[str, Outcome]) -> str:
+    """Tests grouped by the first lines of their errors, for a failure message."""
     groups: dict[str, list[str]] = {}
-    for test_id in sorted(ids):
-        outcome = run.outcomes[test_id]
+    for test_id, outcome in sorted(outcomes.items()):
         # without object addresses, so that one cause is one group
         message = re.sub(r" at 0x[0-9a-f]+", "", outcome.message)
         lines = [ln.strip() for ln in message.splitlines() if ln.strip()]

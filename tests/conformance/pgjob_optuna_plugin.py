@@ -8,14 +8,14 @@ to make them:
 - PGJOB_CONFORMANCE_MODES=pgjob: "pgjob" is `pgjob.optuna_storage(home, **extra_args)`,
   "cached_pgjob" the same inside Optuna's _CachedStorage (what a study wraps it in);
 - PGJOB_CONFORMANCE_MODES=control: "rdb" and "cached_rdb" are a plain RDBStorage on the
-  same server's URL (`pgjob url`), the control that tells Optuna's expectations of any
-  PostgreSQL storage from what pgjob's storage changes.
+  server's URL (`pgjob url`): the control, what Optuna's tests expect of any storage on
+  such a server, so that a failure only with pgjob's storage is pgjob's.
 
 PGJOB_CONFORMANCE_HOMES lists homes (os.pathsep between them) whose servers are running.
-A supplier opened while another is open (test_copy_study copies between two) takes the
-next home, so every open storage has a study database of its own. Optuna's tests expect
-each new storage to be empty, so a supplier first empties its database's tables (keeping
-the schema's version rows).
+A supplier opened while another is open (test_copy_study copies between two) takes a
+home not in use, so every open storage has a study database of its own. Optuna's tests
+expect each new storage to be empty, so a supplier first empties its database's tables
+(keeping the schema's version rows). Tests that get none of our modes are deselected.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ MODES = {"pgjob": ["pgjob", "cached_pgjob"], "control": ["rdb", "cached_rdb"]}
 # the server lists them, and they are emptied children first (each after every table that
 # references it); the two kept hold the schema's revision, not study data. DELETE, not
 # TRUNCATE: on these small tables it takes 4 ms where TRUNCATE, which makes new files for
-# every table and index, took 200 ms (per test, of hundreds). The sequences restart, as in
-# a new database.
+# every table and index, took 200 ms (per test, of hundreds). The sequences go on, so no
+# id comes back: a heartbeat thread that an earlier test's storage left running can
+# never write for a later test's trial.
 EMPTY_TABLES = """
 do $$
 declare t regclass;
@@ -55,8 +56,6 @@ begin
   loop
     execute format('delete from %s', t);
   end loop;
-  perform setval(oid::regclass, 1, false) from pg_class
-   where relnamespace = 'public'::regnamespace and relkind = 'S';
 end $$
 """
 
@@ -90,8 +89,8 @@ class Database:
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(self.url.replace("postgresql+psycopg://",
                                                          "postgresql://", 1), autocommit=True)
-            # A storage left idle in a transaction would block the truncate for ever;
-            # fail the test instead, naming the wait.
+            # A storage left idle in a transaction would block the delete for ever; fail
+            # the test instead, naming the wait.
             self.conn.execute("set lock_timeout = '30s'")
         self.conn.execute(EMPTY_TABLES)
 
@@ -100,7 +99,7 @@ ACTIVE = _setting("PGJOB_CONFORMANCE_MODES")
 if ACTIVE not in MODES:
     raise RuntimeError(f"PGJOB_CONFORMANCE_MODES={ACTIVE!r}: use one of {sorted(MODES)}")
 DATABASES = [Database(home) for home in _setting("PGJOB_CONFORMANCE_HOMES").split(os.pathsep)]
-_open: list[object] = []  # the suppliers of ours that are open now, in order
+_open: dict[object, Database] = {}  # our suppliers open now, and their databases
 
 optuna_test_storages.STORAGE_MODES[:] = MODES[ACTIVE]
 optuna_test_storages.STORAGE_MODES_HEARTBEAT[:] = MODES[ACTIVE]
@@ -122,16 +121,16 @@ def _make(mode: str, database: Database, extra_args: dict):
 def _enter(self):
     if self.storage_specifier not in MODES[ACTIVE]:
         return _optuna_enter(self)  # Optuna's own modes, for tests that name one ("sqlite")
-    if len(_open) >= len(DATABASES):
+    free = [d for d in DATABASES if all(d is not used for used in _open.values())]
+    if not free:
         raise RuntimeError(f"{len(_open) + 1} storages open at once, but only "
                            f"{len(DATABASES)} servers in PGJOB_CONFORMANCE_HOMES")
-    database = DATABASES[len(_open)]
-    database.empty()
-    _open.append(self)
+    free[0].empty()
+    _open[self] = free[0]
     try:
-        self.storage = _make(self.storage_specifier, database, self.extra_args)
+        self.storage = _make(self.storage_specifier, free[0], self.extra_args)
     except BaseException:
-        _open.remove(self)
+        del _open[self]
         raise
     return self.storage
 
@@ -141,8 +140,7 @@ def _exit(self, exc_type, exc_val, exc_tb):
         # Optuna's own exit disposes of an RDBStorage's engine, also inside _CachedStorage.
         return _optuna_exit(self, exc_type, exc_val, exc_tb)
     finally:
-        if self in _open:
-            _open.remove(self)
+        _open.pop(self, None)
 
 
 optuna_test_storages.StorageSupplier.__enter__ = _enter
@@ -171,5 +169,5 @@ def pytest_collection_modifyitems(config, items):
     storages (sqlite, journal, in-memory) whatever the mode set, so they would pass or
     fail alike in both runs and only cost time."""
     kept = [item for item in items if _gets_our_storage(item)]
-    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    config.hook.pytest_deselected(items=[item for item in items if not _gets_our_storage(item)])
     items[:] = kept

@@ -26,6 +26,8 @@ def test_pgjob_ids_map_onto_the_controls_mode_by_mode():
     assert suite.as_control_id("t.py::test_x[None-pgjob]") == "t.py::test_x[None-rdb]"
     # a parameter that merely contains the word is left alone
     assert suite.as_control_id("t.py::test_x[pgjobs]") == "t.py::test_x[pgjobs]"
+    assert suite.as_pgjob_id("rdb_tests/t.py::test_copy[cached_rdb-rdb]") == \
+        "rdb_tests/t.py::test_copy[cached_pgjob-pgjob]"
 
 
 def test_junit_outcomes_with_their_errors(tmp_path: Path):
