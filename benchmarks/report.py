@@ -47,7 +47,8 @@ def targets_table(results: dict) -> str:
 def cold_tables(r: dict) -> str:
     c, b, w, i = r["cold_pgjob"], r["cold_bare"], r["restart"], r["initdb"]
     cold = _table(["", "steps (s)", "total (s)"], [
-        ["pgjob", f"init {c['init_s']}, first serve {c['first_serve_s']}", c["total_s"]],
+        ["pgjob", f"init {c['init_s']}, first serve {c['first_serve_s']}, first worker's "
+                  f"tables {c.get('first_worker_s', '-')}", c["total_s"]],
         ["bare steps", f"initdb {b['initdb_s']}, pg_ctl start {b['pg_ctl_start_s']}, "
                        f"createdb {b['createdb_s']}, Optuna schema {b['optuna_schema_s']}",
          b["total_s"]]])

@@ -143,7 +143,7 @@ def restore_new_home(dump_file: Path, home_option, **init_options) -> Home:
     if target.exists() and any(target.iterdir()):
         raise UsageError(f"{target} exists and is not empty: restore goes into a new home. "
                          "Choose a --home that does not exist yet")
-    result = init(target, with_schema=False, **init_options)  # the dump brings its tables
+    result = init(target, **init_options)  # an empty study database: the dump fills it
     home, settings = result.home, result.settings
     with temporary_server(home, settings, Path(settings.pg_bin)) as server:
         restore(home, Path(settings.pg_bin), dump_file, host=str(server.socket_dir),

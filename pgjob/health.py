@@ -21,6 +21,7 @@ select s.study_name, coalesce(t.state::text, ''), count(t.trial_id)
 from studies s left join trials t on t.study_id = s.study_id
 group by 1, 2 order by 1, 2
 """
+NO_OPTUNA_TABLES = "no Optuna tables yet (the first worker's Optuna will create them)"
 
 
 @dataclass
@@ -74,6 +75,36 @@ def _server_facts(status: Status, conn: psycopg.Connection) -> None:
     status.facts["studies"] = studies
 
 
+def _optuna_schema(status: Status, conn: psycopg.Connection) -> None:
+    """Which Optuna schema the study database has: alembic's revision and what Optuna's
+    version_info says (the Optuna that set the tables up). Read as the application role, on
+    its own: a failure here is reported, and the rest of the status still stands."""
+    try:
+        tables = conn.execute("select to_regclass('public.alembic_version') is not null, "
+                              "to_regclass('public.version_info') is not null").fetchone()
+        if not any(tables):
+            status.facts["optuna_schema"] = None
+            return
+        found = {"alembic_revision": None, "schema_version": None, "library_version": None}
+        if tables[0]:
+            revisions = [r for (r,) in conn.execute(
+                "select version_num from public.alembic_version order by 1")]
+            found["alembic_revision"] = ", ".join(revisions) or None
+        if tables[1]:
+            row = conn.execute("select schema_version, library_version "
+                               "from public.version_info limit 1").fetchone()
+            if row is not None:
+                found["schema_version"], found["library_version"] = row
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        status.facts["optuna_schema"] = {"error": reason}
+        status.worse(DEGRADED, f"cannot read which Optuna schema the study database has "
+                               f"({reason}); workers may fail the same way: look with "
+                               "`pgjob psql`")
+        return
+    status.facts["optuna_schema"] = found
+
+
 def _job(status: Status, home: Home, published) -> None:
     """The server job as the scheduler sees it: from the endpoint, else from `pgjob submit`."""
     if published is not None:
@@ -116,6 +147,7 @@ def check(home: Home) -> Status:
     try:
         with published.connect(timeout=5) as conn:
             _server_facts(status, conn)
+            _optuna_schema(status, conn)
         status.facts["reachable"] = True
     except psycopg.Error as exc:
         status.facts["reachable"] = False
@@ -140,6 +172,8 @@ def render(status: Status) -> str:
                   f"uptime:      {_duration(f['uptime_seconds'])}",
                   f"connections: {f['connections']} of {f['max_connections']}",
                   f"database:    {f['database']} ({f['database_bytes'] / 2**20:.1f} MiB)"]
+    if "optuna_schema" in f:
+        lines.append(f"optuna:      {_describe_schema(f['optuna_schema'])}")
     if "disk_free_bytes" in f:
         lines.append(f"disk free:   {f['disk_free_bytes'] / 2**30:.1f} GiB "
                      f"({f['disk_free_fraction']:.0%})")
@@ -148,6 +182,17 @@ def render(status: Status) -> str:
         lines.append(f"study {name}: {shown}")
     lines += [f"problem:     {p}" for p in status.problems]
     return "\n".join(lines)
+
+
+def _describe_schema(schema: dict | None) -> str:
+    if schema is None:
+        return NO_OPTUNA_TABLES
+    if "error" in schema:
+        return f"schema unreadable ({schema['error']})"
+    unknown = "-"
+    return (f"alembic revision {schema['alembic_revision'] or unknown}, schema_version "
+            f"{schema['schema_version'] or unknown}, set up by Optuna "
+            f"{schema['library_version'] or unknown}")
 
 
 def _duration(seconds: float) -> str:

@@ -1,46 +1,91 @@
-"""One heartbeat thread per worker process, for all the trials it runs.
+"""pgjob's liveness for the trials a worker process runs: one thread, one statement a beat.
 
-Optuna's own heartbeat starts a thread and writes a row at the start of every trial: on a
-fast objective that is a thread and a commit more per trial (10-15 % of the throughput of
-two workers here). This thread writes the heartbeats of every trial the process runs in a
-single statement: within about a second of a trial starting, then every interval. It
-follows trials through the storage (created RUNNING, claimed from WAITING, finished), so
-ask/tell workers are covered too. The server fails the trials whose heartbeat stops.
+Optuna's own heartbeat (asked for with `heartbeat_interval`) starts a thread and commits a
+row for every trial, and every worker checks for stale trials before each trial. pgjob's is
+cheaper and is always on: a single thread per process writes, for every trial the process
+runs, one row in `pgjob_heartbeats` (its worker, its batch job, its grace period, the time)
+in one statement, within about a second of a trial starting and then every interval. The
+pgjob server judges only trials with such a row (see trials.py); a client that never ran
+pgjob's storage has none, so the server never fails its trials.
+
+The thread holds its storage only weakly and ends once the storage is gone. A trial that
+is no longer RUNNING in the database (finished, failed, or deleted with its study by
+someone else) simply drops out of the next beat, so one process's trials never stand in
+each other's way.
 """
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import weakref
+
+from . import scheduler
 
 log = logging.getLogger("pgjob.heartbeat")
 
 GATHER = 1.0  # seconds to wait after a new trial, so that one write covers several
 
-UPSERT = """
-set local synchronous_commit = off;
-insert into trial_heartbeats (trial_id, heartbeat)
-select unnest('{{{ids}}}'::int[]), now()
-on conflict (trial_id) do update set heartbeat = excluded.heartbeat
+# No foreign key to trials: deleting a study must never make another trial's beat fail.
+TABLE = """
+create table if not exists pgjob_heartbeats (
+    trial_id integer primary key,
+    worker text not null,
+    job text not null,
+    grace integer not null,
+    beat timestamptz not null default now())
 """
-# A heartbeat lost in a crash is harmless (the next server refreshes all heartbeats), so
-# it need not wait for the WAL flush.
+
+# A lost heartbeat is harmless (a restarted server refreshes them all), so it need not
+# wait for the WAL flush. Only trials still RUNNING are written; the ones returned are the
+# trials this process still runs.
+BEAT = """
+with beat as (
+    insert into pgjob_heartbeats as h (trial_id, worker, job, grace, beat)
+    select t.trial_id, %(worker)s, %(job)s, %(grace)s, now() from trials t
+    where t.trial_id = any(%(ids)s) and t.state = 'RUNNING'
+    on conflict (trial_id) do update
+        set beat = excluded.beat, worker = excluded.worker, job = excluded.job,
+            grace = excluded.grace
+    returning h.trial_id)
+select trial_id from beat
+"""
+
+
+def this_job() -> str:
+    """The batch job this process runs in, as 'slurm:1234' (the server asks the scheduler
+    about it), or '' outside any job."""
+    name = scheduler.detect()
+    if name == "none":
+        return ""
+    return f"{name}:{os.environ.get(scheduler.TABLES[name].job_id, '')}"
+
+
+def this_worker() -> str:
+    return f"{socket.gethostname().split('.')[0]}:{os.getpid()}"
 
 
 class Heartbeats:
-    def __init__(self, engine, interval: float) -> None:
-        self.engine = engine
+    def __init__(self, storage, interval: float, grace: float, enabled: bool = True) -> None:
+        self._storage = weakref.ref(storage)
+        self.enabled = enabled
         self.interval = interval
+        self.params = {"worker": this_worker(), "job": this_job(), "grace": int(grace)}
         self.running: set[int] = set()
         self.lock = threading.Lock()
         self.new_trial = threading.Event()
         self.thread: threading.Thread | None = None
+        self.failing = False
 
     def started(self, trial_id: int) -> None:
+        if not self.enabled:
+            return
         with self.lock:
             self.running.add(trial_id)
             if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._beat, name="pgjob-heartbeat",
+                self.thread = threading.Thread(target=self._run, name="pgjob-heartbeat",
                                                daemon=True)
                 self.thread.start()
         self.new_trial.set()
@@ -49,17 +94,44 @@ class Heartbeats:
         with self.lock:
             self.running.discard(trial_id)
 
-    def _beat(self) -> None:
+    def beating(self) -> set[int]:
+        with self.lock:
+            return set(self.running)
+
+    def _run(self) -> None:
         while True:
             if self.new_trial.wait(self.interval):
                 self.new_trial.clear()
                 time.sleep(GATHER)
-            with self.lock:
-                ids = sorted(self.running)
-            if not ids:
-                continue
-            try:
-                with self.engine.begin() as conn:
-                    conn.exec_driver_sql(UPSERT.format(ids=",".join(str(int(i)) for i in ids)))
-            except Exception as exc:  # the next beat tries again, through a new connection
-                log.debug("heartbeat not written: %s", exc)
+            storage = self._storage()
+            if storage is None:
+                return  # the storage is gone: so is every trial it could report on
+            ids = sorted(self.beating())
+            if ids:
+                self._beat(storage, ids)
+            del storage
+
+    def _beat(self, storage, ids: list[int]) -> None:
+        try:
+            with storage.engine.begin() as conn:
+                conn.exec_driver_sql("set local synchronous_commit = off")
+                alive = {row[0] for row in conn.exec_driver_sql(
+                    BEAT, {**self.params, "ids": ids})}
+        except Exception as exc:  # the next beat tries again, through a new connection
+            if not self.failing:
+                self.failing = True
+                log.warning("could not write the heartbeat of %d running trial(s): %s; "
+                            "retrying every %.0f s. If this lasts longer than the grace "
+                            "period, the server fails those trials (check `pgjob status`)",
+                            len(ids), _first_line(exc), self.interval)
+            return
+        if self.failing:
+            self.failing = False
+            log.info("heartbeats are written again")
+        with self.lock:
+            self.running -= set(ids) - alive
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

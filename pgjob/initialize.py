@@ -14,7 +14,6 @@ from . import binaries, conf, endpoint, lease, netinfo, passwords, tls
 from .cluster import Server, initdb, private_socket_dir
 from .errors import UsageError
 from .home import Home, Settings, open_home
-from .schema import ensure_optuna_schema
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def allowed_networks(settings: Settings) -> tuple[str, ...]:
     return settings.allow or netinfo.networks()
 
 
-def _create_cluster(home: Home, settings: Settings, bindir: Path, with_schema: bool) -> None:
+def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
     tls.ensure_ca(home)
     su_password = passwords.generate()
     app_password = passwords.generate()
@@ -86,7 +85,7 @@ def _create_cluster(home: Home, settings: Settings, bindir: Path, with_schema: b
     (home.data / "pg_hba.conf").unlink()
     write_server_conf(home, settings, conf.static_params(settings.workers),
                       allowed_networks(settings))
-    _create_role_and_database(home, settings, bindir, app_password, with_schema)
+    _create_role_and_database(home, settings, bindir, app_password)
 
 
 @contextmanager
@@ -110,7 +109,7 @@ def temporary_server(home: Home, settings: Settings, bindir: Path) -> Iterator[S
 
 
 def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
-                              app_password: str, with_schema: bool) -> None:
+                              app_password: str) -> None:
     with temporary_server(home, settings, bindir) as server, server.connect() as conn:
         role, db = sql.Identifier(settings.user), sql.Identifier(settings.database)
         conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole")
@@ -118,9 +117,8 @@ def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
         passwords.set_password(conn, settings.user, app_password)
         conn.execute(sql.SQL("create database {} owner {}").format(db, role))
         conn.execute(sql.SQL("revoke all on database {} from public").format(db))
-        # now, not at the first serve: a study can start the moment the server is up
-        if with_schema:
-            ensure_optuna_schema(server.socket_dir, server.port, settings, home.app_passfile)
+        # No Optuna tables: the first worker's Optuna makes its own (see schema.py), so
+        # that the server serves whichever Optuna version its workers bring.
 
 
 def _repair(home: Home, settings: Settings) -> None:
@@ -166,9 +164,9 @@ def _finish_rotation(home: Home, settings: Settings) -> None:
 
 
 def init(home_option, *, workers=None, port=None, database=None, user=None, allow=(),
-         pg_bin=None, run_as=None, with_schema=True) -> InitResult:
-    """A new home (with Optuna's tables unless `with_schema` is False: a restore brings
-    its own), or an existing one checked and repaired."""
+         pg_bin=None, run_as=None) -> InitResult:
+    """A new home (its study database empty: the first worker's Optuna makes its tables),
+    or an existing one checked and repaired."""
     home = open_home(home_option)
     _check_target(home)
     existed = home.is_home()
@@ -189,6 +187,6 @@ def init(home_option, *, workers=None, port=None, database=None, user=None, allo
     else:
         if home.data.exists():
             shutil.rmtree(home.data)  # a half-made data directory from a failed init
-        _create_cluster(home, settings, bindir, with_schema)
+        _create_cluster(home, settings, bindir)
     home.save_settings(settings)  # last: a home counts as made only once all of it is
     return InitResult(home=home, settings=settings, created=not existed)

@@ -1,20 +1,20 @@
 -- Optuna's schema for PostgreSQL, as Optuna 5.0 creates it (alembic revision v3.2.0.a).
--- pgjob applies this at `pgjob init` instead of importing Optuna and letting SQLAlchemy
--- create the tables (about 0.7 s saved on a cold start). It is used only when the installed
+-- pgjob's storage applies this (schema.py) instead of letting SQLAlchemy
+-- create the tables (about 0.7 s saved on a cold start). It is used only when the worker's
 -- Optuna's newest alembic revision is the one above; otherwise Optuna creates its own schema.
 -- Made with pg_dump --schema-only of a database that Optuna 5.0 set up; the test
 -- tests/test_init.py::test_prepared_schema_is_what_optuna_makes checks it still is.
 
-SET statement_timeout = 0;
-SET lock_timeout = 0;
-SET idle_in_transaction_session_timeout = 0;
-SET client_encoding = 'UTF8';
-SET standard_conforming_strings = on;
-SELECT pg_catalog.set_config('search_path', '', false);
-SET check_function_bodies = false;
-SET xmloption = content;
-SET client_min_messages = warning;
-SET row_security = off;
+SET LOCAL statement_timeout = 0;
+SET LOCAL lock_timeout = 0;
+SET LOCAL idle_in_transaction_session_timeout = 0;
+SET LOCAL client_encoding = 'UTF8';
+SET LOCAL standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', true);
+SET LOCAL check_function_bodies = false;
+SET LOCAL xmloption = content;
+SET LOCAL client_min_messages = warning;
+SET LOCAL row_security = off;
 
 CREATE TYPE public.studydirection AS ENUM (
     'NOT_SET',
@@ -43,9 +43,9 @@ CREATE TYPE public.trialvaluetype AS ENUM (
     'INF_NEG'
 );
 
-SET default_tablespace = '';
+SET LOCAL default_tablespace = '';
 
-SET default_table_access_method = heap;
+SET LOCAL default_table_access_method = heap;
 
 CREATE TABLE public.alembic_version (
     version_num character varying(32) NOT NULL

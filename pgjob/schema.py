@@ -1,23 +1,36 @@
-"""Optuna's tables, made once (at init, or by the server) so that workers never race to
-create them.
+"""Optuna's tables in a study database: made by the first pgjob worker, never by the server.
 
-The fast way is pgjob's prepared copy of Optuna's schema (optuna_schema.sql), applied in one
-round trip without importing Optuna; it is used only when the installed Optuna's newest
-schema revision is the one it was made from. Otherwise Optuna creates its tables itself.
+A pgjob server serves whichever Optuna its workers bring, so neither `pgjob init` nor
+`pgjob serve` fixes a schema: the first client creates its own tables, as Optuna always
+does. pgjob's storage does that under a transaction-level advisory lock, so that workers
+starting at once never race on CREATE TABLE (a plain Optuna client may; see docs/guide.md),
+and it adds pgjob's own two small tables there (heartbeat.py, retries.py).
+
+The fast way is pgjob's prepared copy of Optuna's schema (optuna_schema.sql), applied in
+one round trip; it is used only when the worker's Optuna has exactly the alembic revision it
+was made from. Otherwise Optuna's own models create the tables.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import logging
 import re
 from pathlib import Path
 from urllib.parse import quote
 
-from .cluster import connect
 from .home import Settings
 
-log = logging.getLogger("pgjob.schema")
+PREPARED = Path(__file__).with_name("optuna_schema.sql")
+PREPARED_REVISION = "v3.2.0.a"
+
+# pg_advisory_xact_lock key: "pgjob" in ASCII. Transaction-level, so that it also holds
+# behind pgbouncer's transaction pooling.
+LOCK_KEY = 0x70676A6F62
+
+_PRESENT = """
+select to_regclass('public.version_info') is not null
+   and to_regclass('public.alembic_version') is not null
+   and to_regclass('public.pgjob_heartbeats') is not null
+   and to_regclass('public.pgjob_requests') is not null
+"""
 
 
 def socket_url(socket_dir: Path, port: int, settings: Settings, passfile: Path) -> str:
@@ -25,26 +38,14 @@ def socket_url(socket_dir: Path, port: int, settings: Settings, passfile: Path) 
             f"?host={quote(str(socket_dir))}&port={port}&passfile={quote(str(passfile))}")
 
 
-def has_optuna_schema(socket_dir: Path, port: int, settings: Settings, passfile: Path) -> bool:
-    with connect(host=str(socket_dir), port=port, user=settings.user,
-                 dbname=settings.database, passfile=passfile) as conn:
-        row = conn.execute("select to_regclass('public.version_info') is not null and "
-                           "to_regclass('public.alembic_version') is not null").fetchone()
-    return bool(row[0])
+def optuna_schema_revision(optuna_dir: Path | None = None) -> str | None:
+    """The newest alembic revision of the installed Optuna, read from its files, or None
+    when it cannot be told."""
+    if optuna_dir is None:
+        import optuna
 
-
-PREPARED = Path(__file__).with_name("optuna_schema.sql")
-PREPARED_REVISION = "v3.2.0.a"
-SCHEMA_VERSION = 12  # Optuna's version_info.schema_version, frozen by Optuna since 2.x
-
-
-def optuna_schema_revision() -> str | None:
-    """The newest alembic revision of the installed Optuna, read from its files (importing
-    Optuna costs about 0.4 s), or None when it cannot be told."""
-    spec = importlib.util.find_spec("optuna")
-    if spec is None or spec.origin is None:
-        return None
-    versions = Path(spec.origin).parent / "storages" / "_rdb" / "alembic" / "versions"
+        optuna_dir = Path(optuna.__file__).parent
+    versions = optuna_dir / "storages" / "_rdb" / "alembic" / "versions"
     revisions, parents = set(), set()
     for script in versions.glob("*.py"):
         text = script.read_text()
@@ -58,30 +59,49 @@ def optuna_schema_revision() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
-def _apply_prepared(conn) -> None:
-    with conn.transaction():  # all of it or nothing, so a failed init can simply re-run
-        conn.execute(PREPARED.read_text())
-        conn.execute("insert into public.version_info values (1, %s, %s)",
-                     (SCHEMA_VERSION, importlib.metadata.version("optuna")))
+def ensure_tables(engine, extra_ddl: tuple[str, ...]) -> None:
+    """Create Optuna's tables (if there are none) and pgjob's (`extra_ddl`), once, whoever
+    else starts at the same moment. `engine` is a SQLAlchemy engine on the study database,
+    connected as the application role, which so owns every table."""
+    with engine.connect() as conn:
+        if conn.exec_driver_sql(_PRESENT).scalar():
+            conn.rollback()
+            return
+        conn.rollback()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"select pg_advisory_xact_lock({LOCK_KEY})")
+        if conn.exec_driver_sql("select to_regclass('public.version_info') is null").scalar():
+            _create_optuna_tables(conn)
+        for ddl in extra_ddl:
+            conn.exec_driver_sql(ddl)
 
 
-def ensure_optuna_schema(socket_dir: Path, port: int, settings: Settings,
-                         passfile: Path) -> None:
-    """Create Optuna's schema as the application role (so it owns the tables), once.
-
-    The check is one query, and the prepared schema needs no Optuna import, which keeps
-    every start fast.
-    """
-    if has_optuna_schema(socket_dir, port, settings, passfile):
-        return
-    if optuna_schema_revision() == PREPARED_REVISION:
-        log.debug("creating the Optuna schema in database %s", settings.database)
-        with connect(host=str(socket_dir), port=port, user=settings.user,
-                     dbname=settings.database, passfile=passfile) as conn:
-            _apply_prepared(conn)
-        return
+def _create_optuna_tables(conn) -> None:
     import optuna
+    from optuna.storages._rdb import models
 
-    log.info("creating the Optuna schema in database %s", settings.database)
-    storage = optuna.storages.RDBStorage(socket_url(socket_dir, port, settings, passfile))
-    storage.engine.dispose()
+    head = optuna_schema_revision()
+    if head == PREPARED_REVISION:
+        with conn.connection.dbapi_connection.cursor() as cur:
+            cur.execute(PREPARED.read_text())  # several statements: no parameters
+        conn.exec_driver_sql("set local search_path to default")
+    else:
+        models.BaseModel.metadata.create_all(conn)
+        _stamp(conn)
+    conn.exec_driver_sql(
+        "insert into version_info (version_info_id, schema_version, library_version) "
+        "values (1, %(schema)s, %(version)s)",
+        {"schema": models.SCHEMA_VERSION, "version": optuna.__version__})
+
+
+def _stamp(conn) -> None:
+    """Record the schema's alembic revision, as Optuna does for the tables it creates."""
+    import optuna
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location",
+                           str(Path(optuna.__file__).parent / "storages" / "_rdb" / "alembic"))
+    MigrationContext.configure(conn).stamp(ScriptDirectory.from_config(config), "head")

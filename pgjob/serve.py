@@ -28,7 +28,7 @@ from .endpoint import Endpoint
 from .errors import AlreadyServing, LeaseExpired, LeaseLost, PgJobError, ServerFailed
 from .home import Home, open_home
 from .initialize import allowed_networks, write_server_conf
-from .schema import ensure_optuna_schema, socket_url
+from .schema import socket_url
 from .trials import StaleTrialSweeper, refresh_heartbeats
 from .waiting import until
 
@@ -209,7 +209,6 @@ class Serve:
             if home.pending_passfile.exists():  # a rotation cut short: settle it first
                 passwords.finish_rotation(home, passwords.socket_probe(
                     socket_dir, self.server.port, settings))
-            ensure_optuna_schema(socket_dir, self.server.port, settings, home.app_passfile)
             self._publish()
             log.info("serving %s at %s:%d (node %s, job %s%s)", home.path, self.address,
                      self.front.port if self.front else self.server.port, job.node,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from psycopg import sql
 
 from pgjob import endpoint
 from pgjob.home import open_home
@@ -50,6 +51,17 @@ def run_pgjob(*args: str, timeout: float = 120, env: dict | None = None,
         raise AssertionError(f"pgjob {' '.join(args)} failed ({done.returncode}):\n"
                              f"{done.stdout}\n{done.stderr}")
     return done
+
+
+def trial_states(found, study: str) -> dict[str, int]:
+    """{state: count} of a study's trials; {} before the first worker made Optuna's tables
+    (pgjob init makes none)."""
+    with found.connect() as conn:
+        if not conn.execute("select to_regclass('trials') is not null").fetchone()[0]:
+            return {}
+        return dict(conn.execute(
+            "select t.state::text, count(*) from trials t join studies s using (study_id) "
+            "where s.study_name = %s group by 1", (study,)).fetchall())
 
 
 def skip_unless_ci(reason: str) -> None:
@@ -137,7 +149,6 @@ def server(home_path, tmp_path):
     served.process.wait(60)
 
 
-
 def set_settings(home: Path, **changes) -> None:
     """Write `changes` into the home's pgjob.toml; serve and workers read it when they start."""
     opened = open_home(home)
@@ -165,3 +176,25 @@ def fast_server(template_home, tmp_path_factory):
         if served.process.poll() is None:
             served.stop()
         served.process.wait(60)
+
+
+def drop_optuna_schema(found: endpoint.Endpoint) -> None:
+    """Drop every Optuna table and type from the study database, as the application role
+    (their owner), leaving pgjob's own (pgjob_*): the database as a fresh home has it, before
+    its first client, for tests that share one server between several first clients.
+    """
+    with found.connect() as conn:
+        tables = [t for (t,) in conn.execute(
+            "select tablename from pg_tables where schemaname = 'public' "
+            "and tableowner = current_user and tablename not like 'pgjob%'")]
+        types = [t for (t,) in conn.execute(
+            "select t.typname from pg_type t join pg_namespace n on n.oid = t.typnamespace "
+            "where n.nspname = 'public' and t.typtype = 'e' "
+            "and t.typowner = (select oid from pg_roles where rolname = current_user)")]
+        with conn.transaction():
+            for name in tables:
+                conn.execute(sql.SQL("drop table if exists public.{} cascade")
+                             .format(sql.Identifier(name)))
+            for name in types:
+                conn.execute(sql.SQL("drop type if exists public.{}")
+                             .format(sql.Identifier(name)))

@@ -165,22 +165,32 @@ postgresql_proc = factories.postgresql_proc(
 postgresql = factories.postgresql("postgresql_proc")
 
 
-def test_prepared_schema_is_what_optuna_makes(server, postgresql):
-    """init applies pgjob's prepared copy of Optuna's schema; it must be exactly what the
-    installed Optuna creates itself (on a plain server started by pytest-postgresql)."""
+def test_init_makes_no_optuna_tables_and_the_first_worker_makes_optunas_own(server, postgresql):
+    """init leaves the study database empty (any Optuna version may come first); pgjob's
+    storage then applies its prepared copy of Optuna's schema, which must be exactly what
+    the installed Optuna creates itself (on a plain server started by pytest-postgresql),
+    plus pgjob's own two tables."""
     import optuna
 
+    import pgjob
+
+    with server.endpoint().connect() as conn:
+        assert conn.execute("select count(*) from pg_tables "
+                            "where schemaname = 'public'").fetchone()[0] == 0
     info = postgresql.info
     storage = optuna.storages.RDBStorage(
         f"postgresql+psycopg://{info.user}@{info.host}:{info.port}/{info.dbname}")
     storage.engine.dispose()
     assert schema.optuna_schema_revision() == schema.PREPARED_REVISION, \
         "Optuna's schema changed: regenerate pgjob/optuna_schema.sql (see its header)"
+    ours = pgjob.optuna_storage(server.home.path, wait=30)
+    ours.engine.dispose()
     with server.endpoint().connect() as conn:
-        ours = _schema_of(conn)
+        conn.execute("drop table pgjob_heartbeats, pgjob_requests")
+        mine = _schema_of(conn)
         tables_owner = conn.execute("select distinct tableowner from pg_tables "
                                     "where schemaname = 'public'").fetchall()
-    assert ours == _schema_of(postgresql)
+    assert mine == _schema_of(postgresql)
     assert tables_owner == [("optuna",)]
     study = optuna.create_study(storage=server.endpoint().sqlalchemy_url(), study_name="ok")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)

@@ -101,6 +101,7 @@ where relnamespace = 'public'::regnamespace and relkind = 'r'
 """
 
 
+@pytest.mark.slow  # 32 Python processes: 30-85 s on a busy 2-core machine
 def test_32_workers_started_at_once_on_a_fresh_database_make_one_study(home_path, tmp_path):
     """The first clients make Optuna's tables; 32 of them at the same moment must neither
     collide nor make two studies of one name."""

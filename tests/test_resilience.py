@@ -12,7 +12,7 @@ import optuna
 import psutil
 import pytest
 
-from conftest import Served, run_pgjob
+from conftest import Served, run_pgjob, trial_states as states
 from pgjob import endpoint, lease
 from pgjob.home import open_home
 from pgjob.waiting import until
@@ -45,13 +45,6 @@ def start_worker(home_path, tmp_path, study, trials, pause, env=None):
                             env={**os.environ, **(env or {})}), log.name
 
 
-def states(found, study):
-    with found.connect() as conn:
-        return dict(conn.execute(
-            "select t.state::text, count(*) from trials t join studies s using (study_id) "
-            "where s.study_name = %s group by 1", (study,)).fetchall())
-
-
 def test_workers_carry_on_across_a_server_restart_on_another_port(home_path, tmp_path):
     served = Served(home_path, tmp_path / "serve.log")
     first = served.endpoint()
@@ -77,6 +70,10 @@ def test_workers_carry_on_across_a_server_restart_on_another_port(home_path, tmp
 def test_a_killed_worker_s_trial_is_failed_and_retried(home_path, tmp_path):
     served = Served(home_path, tmp_path / "serve.log", env=FAST_HEARTBEATS)
     found = served.endpoint()
+    time.sleep(4.5)  # sweeps of a database with no tables yet: nothing to judge, no error
+    assert "failed" not in served.log.read_text(), served.log.read_text()
+    with found.connect() as conn:  # and the sweeps made no tables of the server's Optuna
+        assert conn.execute("select to_regclass('version_info')").fetchone() == (None,)
     worker, _ = start_worker(home_path, tmp_path, "killed", 1, 600, env=FAST_HEARTBEATS)
     assert until(lambda: states(found, "killed").get("RUNNING") == 1, 60)
     time.sleep(1.5)  # at least one heartbeat recorded

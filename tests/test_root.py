@@ -1,6 +1,7 @@
 """pgjob started as root: PostgreSQL refuses root, so pgjob runs it as another account."""
 import os
 import pwd
+import secrets
 import shutil
 import stat
 import subprocess
@@ -90,8 +91,9 @@ def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(smal
     home = small_disk / "home"
     run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", check=True)
     served = Served(home, tmp_path / "serve.log", env={"PGJOB_LEASE_TTL": "10"})
-    study_url = served.endpoint().sqlalchemy_url()
-    optuna.create_study(storage=study_url, study_name="full")
+    served.endpoint()
+    # the first pgjob worker makes the tables (pgjob's own too) while there is still space
+    optuna.create_study(storage=pgjob.optuna_storage(str(home), wait=30), study_name="full")
     filler = small_disk / "filler"
     fill(filler)
     # each trial carries 10 kB that do not compress, so the study soon needs space the disk no longer has
@@ -274,11 +276,17 @@ def test_names_another_user_plants_in_a_shared_folder_get_no_backup(reachable_di
 
 def test_a_full_disk_fails_backup_and_rotation_clearly_and_the_password_still_works(
         small_disk, tmp_path):
+    import optuna
+
     home = small_disk / "home"
     run_pgjob("init", "--home", str(home), "--allow", "127.0.0.1/32", check=True)
     served = Served(home, tmp_path / "serve.log")
     served.endpoint()
     old = (home / "secrets" / "app.pgpass").read_text()
+    # a study worth backing up: its dump cannot fit in the last few free blocks
+    study = optuna.create_study(storage=pgjob.optuna_storage(str(home), wait=30))
+    study.optimize(lambda t: t.set_user_attr("blob", secrets.token_hex(5000)) or 0.0,
+                   n_trials=20)
     filler = small_disk / "filler"
     fill(filler)
     done = run_pgjob("backup", "--home", str(home))

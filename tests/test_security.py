@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import run_pgjob
+from conftest import run_pgjob, trial_states
 from pgjob import endpoint
 from pgjob.home import open_home
 from pgjob.initialize import init
@@ -136,8 +136,7 @@ def test_rotation_keeps_a_running_study_going(server, home_path):
          "s.optimize(lambda t: time.sleep(0.1) or t.suggest_float('x', 0, 1), n_trials=60)\n",
          str(home_path)], stderr=subprocess.PIPE, text=True)
     found = server.endpoint()
-    assert until(lambda: found.connect().execute(
-        "select count(*) from trials").fetchone()[0] >= 10, 60)
+    assert until(lambda: sum(trial_states(found, "r").values()) >= 10, 60)
     done = run_pgjob("rotate-password", "--home", str(home_path), check=True)
     assert "password was changed" in done.stdout
     assert passfile.read_text() != old and stat.S_IMODE(passfile.stat().st_mode) == 0o600

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import run_pgjob
+from conftest import run_pgjob, trial_states
 from pgjob import binaries, endpoint, scheduler
 from pgjob.cluster import cluster_state
 from pgjob.home import open_home
@@ -111,14 +111,6 @@ def worker_job(slurm: Slurm, home: Path, node: str, study: str, trials: int,
                         str(WORKER_SCRIPT), str(OBJECTIVE), "--sleep", str(sleep),
                         env={**FAST, "PGJOB_HOME": str(home), "STUDY": study,
                              "TRIALS": str(trials)})
-
-
-def trial_states(found: endpoint.Endpoint, study: str) -> dict[str, int]:
-    with found.connect() as conn:
-        rows = conn.execute("select t.state::text, count(*) from trials t join studies s "
-                            "using (study_id) where s.study_name = %s group by 1",
-                            (study,)).fetchall()
-    return dict(rows)
 
 
 def worker_logs(slurm: Slurm) -> str:
@@ -325,3 +317,28 @@ def test_backup_from_the_login_node_restores_into_a_new_home(cluster, slurm, clu
     again = published(restored)
     assert again.host == cluster["NODE3_ADDR"]
     assert trial_states(again, "saved") == trial_states(found, "saved") == {"COMPLETE": 5}
+
+
+def test_a_worker_s_job_decides_its_trial_not_a_late_heartbeat(cluster, slurm, cluster_home):
+    """A worker stopped in a job that still runs (a stalled node, a debugger) keeps its
+    trial however late its heartbeat; once its job ends, the trial is failed and re-queued
+    at the server's next sweep, without waiting out the grace period."""
+    serve_job(slurm, cluster_home, "node1")
+    found = published(cluster_home)
+    job = worker_job(slurm, cluster_home, "node2", "judged", 1, 600)
+    assert until(lambda: trial_states(found, "judged").get("RUNNING") == 1, 90)
+    time.sleep(3)  # a heartbeat or two, with the worker's job recorded
+    with found.connect() as conn:
+        recorded = conn.execute("select job from pgjob_heartbeats").fetchall()
+    assert [row[0].split(":")[0] for row in recorded] == ["slurm"], recorded
+    stopped = [p for p in psutil.process_iter(["cmdline"])
+               if "--study judged" in " ".join(p.info["cmdline"] or [])]
+    assert stopped, "the worker's process was not found"
+    for p in stopped:
+        p.suspend()
+    time.sleep(25)  # two and a half grace periods of silence
+    assert trial_states(found, "judged") == {"RUNNING": 1}
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    slurm.wait_state(job, FINISHED, 60)
+    assert until(lambda: trial_states(found, "judged") == {"FAIL": 1, "WAITING": 1}, 9), \
+        trial_states(found, "judged")

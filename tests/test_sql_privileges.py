@@ -11,6 +11,7 @@ import signal
 import psycopg
 import pytest
 
+import pgjob
 from pgjob.waiting import until
 
 pytestmark = pytest.mark.pg
@@ -36,6 +37,7 @@ def superuser(conn) -> bool:
 
 def test_a_trigger_the_app_role_plants_never_runs_as_the_superuser(server):
     found = server.endpoint()
+    pgjob.optuna_storage(server.home.path, wait=30).engine.dispose()  # the first worker's tables
     with found.connect() as conn:
         conn.execute("insert into studies (study_name) values ('bait') returning study_id")
         study = conn.execute("select study_id from studies where study_name = 'bait'"

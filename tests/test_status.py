@@ -70,3 +70,35 @@ def test_connections_near_the_limit_are_degraded(home_path, tmp_path):
         for conn in held:
             conn.close()
         served.stop()
+
+
+def test_status_names_the_optuna_schema_or_says_there_is_none_yet(server, home_path):
+    import optuna
+
+    done = status(home_path)  # a fresh home: init makes no Optuna tables
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("optuna:      no Optuna tables yet (the first worker's Optuna will create them)"
+            in done.stdout)
+    assert json.loads(status(home_path, "--json").stdout)["optuna_schema"] is None
+
+    optuna.create_study(storage=server.endpoint().sqlalchemy_url(), study_name="first")
+    facts = json.loads(status(home_path, "--json").stdout)
+    assert facts["optuna_schema"] == {"alembic_revision": "v3.2.0.a", "schema_version": 12,
+                                      "library_version": optuna.__version__}
+    assert (f"optuna:      alembic revision v3.2.0.a, schema_version 12, set up by Optuna "
+            f"{optuna.__version__}") in status(home_path).stdout
+
+
+def test_an_unreadable_optuna_schema_is_degraded_and_the_rest_still_shown(server, home_path):
+    import optuna
+
+    optuna.create_study(storage=server.endpoint().sqlalchemy_url(), study_name="kept")
+    with server.endpoint().connect() as conn:  # the owner can take its own right away
+        conn.execute("revoke select on public.alembic_version from current_user")
+    done = status(home_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "pgjob: degraded" in done.stdout
+    assert "optuna:      schema unreadable (permission denied for table alembic_version)" in done.stdout
+    assert "cannot read which Optuna schema the study database has" in done.stdout
+    for text in ("connections:", "study kept: no trials", "disk free:"):
+        assert text in done.stdout
