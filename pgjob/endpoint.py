@@ -16,7 +16,7 @@ from urllib.parse import quote
 import psycopg
 
 from .cluster import connect
-from .errors import NotPublished
+from .errors import NotPublished, first_line
 from .home import Home
 from .tls import SSLMODE
 from .waiting import until
@@ -140,7 +140,7 @@ def check(endpoint: Endpoint, timeout: float = 5) -> str | None:
             conn.execute("select 1")
         return None
     except psycopg.Error as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
 
 
 def _serve_gone(home: Home) -> str:

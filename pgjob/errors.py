@@ -6,6 +6,13 @@ else escaping the CLI is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its class name if it has none): what a
+    one-line warning or status says about it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PgJobError(Exception):
     """An expected failure: the message says what happened and what to do next."""
 

@@ -9,6 +9,7 @@ import psutil
 import psycopg
 
 from . import endpoint, scheduler
+from .errors import first_line
 from .home import Home
 
 HEALTHY, DEGRADED, DOWN = 0, 1, 2
@@ -96,7 +97,7 @@ def _optuna_schema(status: Status, conn: psycopg.Connection) -> None:
             if row is not None:
                 found["schema_version"], found["library_version"] = row
     except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         status.facts["optuna_schema"] = {"error": reason}
         status.worse(DEGRADED, f"cannot read which Optuna schema the study database has "
                                f"({reason}); workers may fail the same way: look with "

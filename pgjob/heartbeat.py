@@ -23,6 +23,7 @@ import time
 import weakref
 
 from . import scheduler
+from .errors import first_line
 
 log = logging.getLogger("pgjob.heartbeat")
 
@@ -123,15 +124,11 @@ class Heartbeats:
                 log.warning("could not write the heartbeat of %d running trial(s): %s; "
                             "retrying every %.0f s. If this lasts longer than the grace "
                             "period, the server fails those trials (check `pgjob status`)",
-                            len(ids), _first_line(exc), self.interval)
+                            len(ids), first_line(getattr(exc, "orig", None) or exc),
+                            self.interval)
             return
         if self.failing:
             self.failing = False
             log.info("heartbeats are written again")
         with self.lock:
             self.running -= set(ids) - alive
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from . import endpoint
 from .cluster import connect
-from .errors import PgJobError
+from .errors import PgJobError, first_line
 from .home import Home, Settings, fsync_folder
 
 # A pending file younger than this, whose password the server does not accept (yet), may
@@ -87,7 +87,7 @@ def _holds(passfile: Path, line: str) -> bool:
 def _after_failed_alter(home: Home, found: endpoint.Endpoint, exc: psycopg.Error) -> None:
     """ALTER ROLE failed: the old password is still the server's, unless the connection
     broke after the server committed it, which only asking the server can tell."""
-    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    why = first_line(exc)
     if exc.sqlstate is None:  # no answer from the server: it may have set the password
         if finish_rotation(home, endpoint_probe(home, found), ours=True) == "promoted":
             return
@@ -202,5 +202,5 @@ def socket_probe(socket_dir: Path, port: int, settings: Settings) -> Probe:
                 conn.execute("select 1")
             return None
         except psycopg.Error as exc:
-            return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return first_line(exc)
     return probe

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import psycopg
 
+from .errors import first_line
+
 log = logging.getLogger("pgjob.storage")
 
 TABLE = """
@@ -52,9 +54,9 @@ def is_connection_loss(exc: BaseException) -> bool:
     return False
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _inner(exc: BaseException) -> BaseException:
+    """The driver's error inside SQLAlchemy's and Optuna's wrappers: the one that says why."""
+    return getattr(exc, "orig", None) or exc.__cause__ or exc
 
 
 NOT_SETTLED = object()
@@ -78,7 +80,7 @@ def call(storage, name: str, attempt, settle=None):
             if not is_connection_loss(exc) or time.monotonic() > deadline:
                 raise
             log.warning("the server could not complete %s (%s); waiting for it to come "
-                        "back (home %s)", name, first_line(exc), storage.pgjob_home.path)
+                        "back (home %s)", name, first_line(_inner(exc)), storage.pgjob_home.path)
             storage.engine.dispose()  # every pooled connection went to the old server
             time.sleep(pause)
             pause = min(pause * 2, storage.pgjob_pause)
