@@ -11,6 +11,7 @@ keeps its trial, a job that has ended loses it at once.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ from .retries import KEEP
 log = logging.getLogger("pgjob.trials")
 
 
+# pgjob's heartbeats, and Optuna's (of clients that asked for them)
+HEARTBEAT_COLUMNS = (("pgjob_heartbeats", "beat"), ("trial_heartbeats", "heartbeat"))
+
+
 def refresh_heartbeats(conn: psycopg.Connection) -> int:
     """Give every running trial a fresh heartbeat when a server (re)starts, pgjob's and
     Optuna's alike.
@@ -30,16 +35,18 @@ def refresh_heartbeats(conn: psycopg.Connection) -> int:
     Workers could not send heartbeats while there was no server; without this, the first
     worker back (or the server's sweep) would fail every other worker's live trial.
     """
+    present = conn.execute(
+        "select to_regclass('public.trials') is not null, "
+        "to_regclass('public.pgjob_heartbeats') is not null, "
+        "to_regclass('public.trial_heartbeats') is not null").fetchone()
     refreshed = 0
-    for table in ("pgjob_heartbeats", "trial_heartbeats"):
-        if not conn.execute("select to_regclass(%s) is not null", (f"public.{table}",)) \
-                .fetchone()[0] or not conn.execute(
-                    "select to_regclass('public.trials') is not null").fetchone()[0]:
-            continue
-        column = "beat" if table == "pgjob_heartbeats" else "heartbeat"
-        refreshed += conn.execute(
-            f"update {table} h set {column} = now() from trials t "
-            "where t.trial_id = h.trial_id and t.state = 'RUNNING'").rowcount
+    if not present[0]:
+        return refreshed  # no worker yet: no trial to refresh
+    for (table, column), there in zip(HEARTBEAT_COLUMNS, present[1:]):
+        if there:
+            refreshed += conn.execute(
+                f"update {table} h set {column} = now() from trials t "
+                "where t.trial_id = h.trial_id and t.state = 'RUNNING'").rowcount
     return refreshed
 
 
@@ -49,6 +56,9 @@ def refresh_heartbeats(conn: psycopg.Connection) -> int:
 # (the scheduler forgot the job, or could not be asked) tells nothing: the heartbeat judges.
 ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "STOPPED", "CONFIGURING", "RESIZING",
                           "SIGNALING"})
+
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\]]{0,99}")  # 1234, 1234.pbs1, 12[3]
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,10 @@ def job_state(job: str) -> str | None:
     """What the scheduler says of a worker's job now, or None when nothing can tell (no
     job recorded, or this node cannot ask that scheduler)."""
     name, _, job_id = job.partition(":")
+    # Written by any holder of the app role's password: an id the scheduler's own tools
+    # could take for an option is not asked about.
+    if not JOB_ID.fullmatch(job_id):
+        return None
     try:
         queued = scheduler.query(name, job_id)
     except Exception as exc:  # squeue missing on this node, a timeout: judge by heartbeat

@@ -39,3 +39,13 @@ def test_a_scheduler_that_cannot_tell_leaves_it_to_the_heartbeat(monkeypatch):
     monkeypatch.setattr(trials.scheduler, "query", broken)
     assert trials.job_state("slurm:7") is None
     assert trials.job_state("") is None
+
+
+def test_a_job_id_that_looks_like_an_option_is_never_handed_to_the_scheduler(monkeypatch):
+    asked = []
+    monkeypatch.setattr(trials.scheduler, "query",
+                        lambda name, job_id: asked.append(job_id) or QueueState("RUNNING", 1, ""))
+    assert trials.job_state("pbs:-x --help") is None
+    assert trials.job_state("slurm:12 34") is None
+    assert trials.job_state("pbs:1234.pbs1") == "RUNNING"
+    assert asked == ["1234.pbs1"]
