@@ -397,7 +397,10 @@ class Home:
         if st.st_mode & WRITABLE_BY_OTHERS and not new:
             raise _writable(self.path, st)
         for path in self.guarded_paths():
-            st = path.lstat()
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue  # gone since listed (a lease being written): it can mislead no one
             if stat.S_ISLNK(st.st_mode):
                 raise _a_link(path)
             if st.st_uid not in uids:
