@@ -56,6 +56,9 @@ def main() -> None:
               help="Folder holding initdb and postgres.")
 @click.option("--run-as", help="As root: the account a new home belongs to and PostgreSQL "
               "runs as (default postgres); an existing home runs as its owner.")
+@click.option("--storage", type=click.Choice(["rdb", "journal"]),
+              help="How studies are kept: rdb (default; `pgjob url` works for any Optuna "
+                   "client) or journal (several times faster; through pgjob.optuna_storage()).")
 def init(home, **options) -> None:
     """Create an instance home, or check and repair an existing one (data is kept)."""
     from .initialize import init as do_init
@@ -92,7 +95,12 @@ def serve(home, **options) -> None:
               default="sqlalchemy", show_default=True)
 def url(home, wait, fmt) -> None:
     """Print how to connect to the published server (no password: it stays in a passfile)."""
-    found = endpoint.wait_connectable(open_home(home).require(), timeout=wait)
+    target = open_home(home).require()
+    if fmt in ("sqlalchemy", "env"):  # the Optuna URLs
+        from .storage import check_url_works
+
+        check_url_works(target)
+    found = endpoint.wait_connectable(target, timeout=wait)
     click.echo({"sqlalchemy": found.sqlalchemy_url, "libpq": found.libpq_url,
                 "json": found.to_json, "env": found.env_lines}[fmt]().rstrip("\n"))
 

@@ -40,8 +40,10 @@ create table if not exists pgjob_heartbeats (
 """
 
 # A lost heartbeat is harmless (a restarted server refreshes them all), so it need not
-# wait for the WAL flush. Only trials still RUNNING are written; the ones returned are the
-# trials this process still runs.
+# wait for the WAL flush (each storage's pgjob_beat says synchronous_commit = off).
+# On an rdb home only trials still RUNNING are written; the ones returned are the trials
+# this process still runs. A journal home keeps trial states in the workers' memory: its
+# storage writes all and answers from there (optuna_journal.py).
 BEAT = """
 with beat as (
     insert into pgjob_heartbeats as h (trial_id, worker, job, grace, beat)
@@ -52,6 +54,13 @@ with beat as (
             grace = excluded.grace
     returning h.trial_id)
 select trial_id from beat
+"""
+BEAT_ALL = """
+insert into pgjob_heartbeats as h (trial_id, worker, job, grace, beat)
+select i, %(worker)s, %(job)s, %(grace)s, now() from unnest(%(ids)s::integer[]) as i
+on conflict (trial_id) do update
+    set beat = excluded.beat, worker = excluded.worker, job = excluded.job,
+        grace = excluded.grace
 """
 
 
@@ -114,10 +123,7 @@ class Heartbeats:
 
     def _beat(self, storage, ids: list[int]) -> None:
         try:
-            with storage.engine.begin() as conn:
-                conn.exec_driver_sql("set local synchronous_commit = off")
-                alive = {row[0] for row in conn.exec_driver_sql(
-                    BEAT, {**self.params, "ids": ids})}
+            alive = storage.pgjob_beat({**self.params, "ids": ids})
         except Exception as exc:  # the next beat tries again, through a new connection
             if not self.failing:
                 self.failing = True

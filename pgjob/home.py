@@ -92,6 +92,10 @@ class Settings:
     # Seconds the home's lease stays valid without renewal (see lease.py); a serve whose
     # job was killed outright is taken over at most lease_ttl + 10 s later.
     lease_ttl: int = 30
+    # How studies are kept: "rdb" (Optuna's RDBStorage tables; `pgjob url` works for any
+    # Optuna client) or "journal" (Optuna's JournalStorage, logs in pgjob's table; faster,
+    # through `pgjob.optuna_storage()` only). All workers of a home must agree.
+    storage: str = "rdb"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object],
@@ -137,6 +141,7 @@ class Settings:
 MAX_WORKERS = 10_000  # max_connections (2N + 8) stays far inside PostgreSQL's limit
 MAX_SECONDS = 366 * 86400  # no interval or margin needs more than a year
 POOLERS = ("", "none", "pgbouncer")
+STORAGES = ("rdb", "journal")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 ACCOUNT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
@@ -233,6 +238,12 @@ def pooler_kind(value: object, text: bool) -> str:
     return value
 
 
+def storage_kind(value: object, text: bool) -> str:
+    if not isinstance(value, str) or value not in STORAGES:
+        raise Refused("one of " + ", ".join(f'"{k}"' for k in STORAGES))
+    return value
+
+
 RULES: dict[str, Rule] = {
     "port": whole(1, 65535),
     "workers": whole(1, MAX_WORKERS),
@@ -249,6 +260,7 @@ RULES: dict[str, Rule] = {
     "pooler": pooler_kind,
     "stop_margin": whole(0, MAX_SECONDS),
     "lease_ttl": whole(10, 3600),
+    "storage": storage_kind,
 }
 
 
@@ -325,6 +337,8 @@ class Home:
     def pending_passfile(self) -> Path: return self.secrets / "app.pgpass.pending"
     @property
     def superuser_passfile(self) -> Path: return self.secrets / "superuser.pgpass"
+    @property
+    def journal_key(self) -> Path: return self.secrets / "journal.key"  # signs snapshots
     @property
     def endpoint_file(self) -> Path: return self.path / "endpoint.json"
     @property

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from psycopg import sql
 
-from . import binaries, conf, endpoint, lease, netinfo, passwords, tls
+from . import binaries, conf, endpoint, lease, netinfo, passwords, signing, tls
 from .cluster import Server, initdb, private_socket_dir
 from .errors import UsageError
 from .home import Home, Settings, open_home
@@ -71,6 +71,7 @@ def allowed_networks(settings: Settings) -> tuple[str, ...]:
 
 def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
     tls.ensure_ca(home)
+    signing.ensure_key(home)
     su_password = passwords.generate()
     app_password = passwords.generate()
     home.write(home.superuser_passfile, passwords.passfile_line(settings.superuser, su_password))
@@ -131,6 +132,7 @@ def _repair(home: Home, settings: Settings) -> None:
         raise UsageError(f"{home.data} holds no PostgreSQL data directory (no PG_VERSION); "
                          "the home is damaged: restore the data directory from a backup")
     tls.ensure_ca(home)  # homes made before TLS get their CA here
+    signing.ensure_key(home)  # and before journals their snapshot key
     home.tighten()
     _finish_rotation(home, settings)
     write_server_conf(home, settings, conf.static_params(settings.workers),
@@ -164,14 +166,15 @@ def _finish_rotation(home: Home, settings: Settings) -> None:
 
 
 def init(home_option, *, workers=None, port=None, database=None, user=None, allow=(),
-         pg_bin=None, run_as=None) -> InitResult:
+         pg_bin=None, run_as=None, storage=None) -> InitResult:
     """A new home (its study database empty: the first worker's Optuna makes its tables),
     or an existing one checked and repaired."""
     home = open_home(home_option)
     _check_target(home)
     existed = home.is_home()
     settings = merged_settings(home, workers=workers, port=port, database=database,
-                               user=user, allow=tuple(allow), run_as=run_as, pg_bin=pg_bin)
+                               user=user, allow=tuple(allow), run_as=run_as, pg_bin=pg_bin,
+                               storage=storage)
     if existed and (database or user) and (settings.database, settings.user) != (
             home.settings().database, home.settings().user):
         raise UsageError("--database and --user cannot change on an existing home; "

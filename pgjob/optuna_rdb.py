@@ -134,6 +134,9 @@ class PgJobStorage(optuna.storages.RDBStorage):
         engine = sqlalchemy.create_engine(found.sqlalchemy_url(), poolclass=NullPool,
                                           connect_args=_prepare(found))
         try:
+            with engine.connect() as conn:
+                schema.check_kind(lambda query: conn.exec_driver_sql(query).fetchone(),
+                                  self.pgjob_home)
             schema.ensure_tables(engine, (heartbeat.TABLE, retries.TABLE))
         finally:
             engine.dispose()
@@ -144,6 +147,12 @@ class PgJobStorage(optuna.storages.RDBStorage):
         self.pgjob_heartbeats = heartbeat.Heartbeats(self, *self.pgjob_liveness)
         weakref.finalize(self, _close, self.engine, self.pgjob_heartbeats)
         _LIVE.add(self)
+
+    def pgjob_beat(self, params: dict) -> set[int]:
+        """One heartbeat for the trials `params["ids"]`; those still RUNNING."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("set local synchronous_commit = off")
+            return {row[0] for row in conn.exec_driver_sql(heartbeat.BEAT, params)}
 
     # -- pickling: the connection state is rebuilt, where the server is then ------------
 

@@ -105,3 +105,33 @@ def _stamp(conn) -> None:
     config.set_main_option("script_location",
                            str(Path(optuna.__file__).parent / "storages" / "_rdb" / "alembic"))
     MigrationContext.configure(conn).stamp(ScriptDirectory.from_config(config), "head")
+
+
+# Where each kind of home keeps its studies (home.STORAGES): the first table that a study
+# of that kind writes a row to.
+STUDY_TABLES = {"rdb": "studies", "journal": "pgjob_journal"}
+
+
+def kinds_in_use(fetch) -> list[str]:
+    """The storage kinds whose tables hold studies; `fetch(sql)` returns one row."""
+    names = list(STUDY_TABLES)
+    there = fetch("select " + ", ".join(f"to_regclass('public.{STUDY_TABLES[k]}') is not null"
+                                        for k in names))
+    return [k for k, present in zip(names, there) if present and
+            fetch(f"select exists (select 1 from {STUDY_TABLES[k]})")[0]]
+
+
+def check_kind(fetch, home) -> None:
+    """Refuse to open one kind of storage on a database whose studies are of the other:
+    a worker with another PGJOB_STORAGE than the rest, or a home whose setting changed
+    after its studies began, would otherwise start an empty study beside them."""
+    from .errors import UsageError
+
+    wanted = home.settings().storage
+    others = [k for k in kinds_in_use(fetch) if k != wanted]
+    if others:
+        raise UsageError(
+            f"the home {home.path} is set to storage = {wanted!r}, but its database holds "
+            f"{others[0]!r} studies, which this storage would not see. Use the setting the "
+            f"studies were made with (pgjob.toml, or PGJOB_STORAGE, the same for every "
+            f"worker), or move them with `pgjob export` and `pgjob import`")

@@ -1,0 +1,348 @@
+"""Optuna's journal kept in pgjob's PostgreSQL: the backend of a journal home's storage.
+
+Optuna's JournalStorage keeps each study in the worker's memory and only appends logs of
+operations; this module is where those logs live, as rows of `pgjob_journal`:
+
+- a total order with no gaps a reader could see: log numbers are handed out from a
+  one-row counter (`pgjob_journal_head`) whose row lock is held until the append commits,
+  so appends commit in log-number order and every reader sees a dense prefix;
+- an append is one round trip (one function call) that also returns every log the
+  worker has not read yet, which is exactly what Optuna reads next; a plain read fetches
+  only the logs after the worker's position;
+- each append carries a request id, so the repeat of an append whose reply was lost
+  (the server restarted or moved) is recognised and never written twice;
+- a NOTIFY on every append: `wait_for_logs` sleeps on it instead of polling;
+- snapshots (Optuna's pickled in-memory state) so a worker joining a large study reads
+  only the logs after it. A snapshot is pickle, which runs code when loaded, so each one
+  is signed with a key that lives in the home's secrets, not in the database: a snapshot
+  that anyone with only the database password wrote is never loaded.
+
+The connection follows the home's endpoint: when the server restarts or moves, a call
+waits (bounded, with backoff) for it to be published again and is repeated there.
+
+Importing this module imports Optuna (its base classes); only journal homes' storage and
+server-side care import it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import optuna
+import psycopg
+from optuna.storages.journal import BaseJournalBackend
+from optuna.storages.journal._base import BaseJournalSnapshot
+from psycopg.types.json import Jsonb
+
+from . import endpoint, heartbeat, signing
+from .errors import NotPublished, first_line
+from .home import Home
+from .waiting import until
+
+log = logging.getLogger("pgjob.journal")
+
+CHANNEL = "pgjob_journal"
+PAGE = 20_000  # logs per read: a joining worker replays a large study in bounded pieces
+
+TABLES = (
+    """create table if not exists pgjob_journal (
+        id bigint primary key,
+        log jsonb not null,
+        request uuid not null)""",
+    """create table if not exists pgjob_journal_head (
+        one boolean primary key default true check (one),
+        next bigint not null)""",
+    "insert into pgjob_journal_head (one, next) values (true, 0) on conflict do nothing",
+    """create table if not exists pgjob_journal_snapshots (
+        optuna text primary key,
+        upto bigint not null,
+        body bytea not null,
+        mac bytea not null,
+        saved timestamptz not null default now())""",
+    # One call, one round trip. The counter row is locked first, so that a repeat finds
+    # a lost attempt that committed, and waits for one that is still committing. Every
+    # statement in a plpgsql function takes a new snapshot: the final select sees all that
+    # committed before this append (the row lock's order) and this append itself.
+    """create or replace function pgjob_journal_append(
+        logs jsonb, request uuid, known bigint, repeat boolean)
+    returns table (id bigint, log jsonb)
+    language plpgsql set search_path = pg_catalog, public as $$
+    declare
+        first bigint;
+        n integer := jsonb_array_length(logs);
+    begin
+        select h.next into first from pgjob_journal_head h for update;
+        if not (repeat and exists (select 1 from pgjob_journal j
+                                   where j.id >= known and j.request = $2)) then
+            update pgjob_journal_head set next = next + n;
+            insert into pgjob_journal (id, log, request)
+                select first + o - 1, l, $2
+                from jsonb_array_elements(logs) with ordinality as u(l, o);
+            perform pg_notify('pgjob_journal', (first + n)::text);
+        end if;
+        return query select j.id, j.log from pgjob_journal j
+                     where j.id >= known order by j.id;
+    end $$""",
+)
+
+_READ = "select id, log from pgjob_journal where id >= %s order by id limit %s"
+_SAVE = """
+insert into pgjob_journal_snapshots as s (optuna, upto, body, mac)
+values (%(optuna)s, %(upto)s, %(body)s, %(mac)s)
+on conflict (optuna) do update
+    set upto = excluded.upto, body = excluded.body, mac = excluded.mac, saved = now()
+    where s.upto < excluded.upto
+"""
+# A snapshot past the journal's end (the journal was restored from an older backup
+# than the snapshot, say) describes logs that are not there: not used.
+_LOAD = """
+select s.upto, s.body, s.mac from pgjob_journal_snapshots s, pgjob_journal_head h
+where s.optuna = %s and s.upto <= h.next
+"""
+
+# Snapshots are saved when Optuna offers one (every 100th trial) only once this many
+# logs, or a quarter of the journal, have been appended since the last one: a saved
+# snapshot of a large study is many megabytes, uploaded by one worker while others wait.
+SNAPSHOT_MIN_LOGS = 2_000
+
+
+def ensure_tables(conn: psycopg.Connection) -> None:
+    """The journal's tables and function, and pgjob's heartbeat table, made once by
+    whichever worker comes first (under the advisory lock that rdb homes' tables are made
+    under, see schema.py)."""
+    from .schema import LOCK_KEY
+
+    present = conn.execute(
+        "select to_regclass('public.pgjob_journal_snapshots') is not null and exists ("
+        "select 1 from pg_proc where proname = 'pgjob_journal_append')").fetchone()[0]
+    if present:
+        return
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        for ddl in (*TABLES, heartbeat.TABLE):
+            conn.execute(ddl)
+
+
+def _is_connection_loss(exc: BaseException) -> bool:
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) and not \
+        isinstance(exc, psycopg.errors.QueryCanceled)
+
+
+class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
+    """Optuna's BaseJournalBackend and BaseJournalSnapshot on a pgjob server.
+
+    One connection, used under a lock: Optuna calls it under its own storage lock, pgjob's
+    heartbeat thread between those calls. Snapshots are kept per Optuna version (a pickle
+    of one version is no state of another).
+    """
+
+    def __init__(self, home: Home, *, wait: float = 600.0, pause: float = 5.0) -> None:
+        self.home = home
+        self.wait = wait
+        self.pause = pause
+        self.optuna_version = optuna.__version__
+        self._lock = threading.RLock()
+        self._conn: psycopg.Connection | None = None
+        self._pid = os.getpid()
+        self._position = 0  # how many logs this backend has handed out (Optuna's next read)
+        self._fetched: tuple[int, list] | None = None  # an append's reply, for the next read
+        self._snapshot_upto = 0
+        self._key = signing.key(home)
+        self._warned_key = False
+        self._listener: psycopg.Connection | None = None
+
+    # -- the connection ---------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_lock", "_conn", "_listener", "_fetched"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._conn = self._listener = self._fetched = None
+        self._pid = os.getpid()
+
+    def forked(self) -> None:
+        """In a child after fork: the parent's connections are not ours. psycopg never
+        closes a connection in a process other than the one that opened it, so dropping
+        them leaves the parent's sessions alone."""
+        self._lock = threading.RLock()
+        self._conn = self._listener = self._fetched = None
+        self._pid = os.getpid()
+
+    def _connect(self) -> psycopg.Connection:
+        def attempt():
+            found = endpoint.read(self.home)
+            if found is None:
+                return None
+            try:
+                conn = found.connect(timeout=10)
+            except psycopg.OperationalError:
+                return None
+            if found.pooler:  # pgbouncer's transaction pooling keeps no prepared statement
+                conn.prepare_threshold = None
+            return conn
+        conn = until(attempt, self.wait, interval=0.2, max_interval=self.pause)
+        if conn is None:
+            raise NotPublished(f"no server answered for {self.home.path} within "
+                               f"{self.wait:.0f} s; check `pgjob status`")
+        from .schema import check_kind
+
+        check_kind(lambda query: conn.execute(query).fetchone(), self.home)
+        ensure_tables(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in (self._conn, self._listener):
+                if conn is not None and self._pid == os.getpid():
+                    conn.close()
+            self._conn = self._listener = None
+
+    def run(self, what: str, work, *, repeatable=None):
+        """`work(conn)` on the live connection; after a lost connection, `repeatable(conn)`
+        (default: `work` again) on a new one, once the server is back, for up to `wait`."""
+        deadline = time.monotonic() + self.wait
+        pause, lost = 0.5, False
+        with self._lock:
+            while True:
+                try:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = self._connect()
+                    return (repeatable or work)(self._conn) if lost else work(self._conn)
+                except Exception as exc:
+                    if not _is_connection_loss(exc) or time.monotonic() > deadline:
+                        raise
+                    log.warning("the server could not complete %s (%s); waiting for it to "
+                                "come back (home %s)", what, first_line(exc), self.home.path)
+                    self._drop()
+                    time.sleep(pause)
+                    pause = min(pause * 2, self.pause)
+                    lost = True
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    # -- Optuna's BaseJournalBackend ------------------------------------------------
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        request = uuid.uuid4()
+        known = self._position
+
+        def append(repeat: bool):
+            def work(conn):
+                return conn.execute("select id, log from pgjob_journal_append(%s, %s, %s, %s)",
+                                    (Jsonb(logs), request, known, repeat)).fetchall()
+            return work
+        rows = self.run("an append to the journal", append(False), repeatable=append(True))
+        self._fetched = (known, rows)
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        fetched, self._fetched = self._fetched, None
+        if fetched is not None and fetched[0] == log_number_from:
+            rows = fetched[1]  # what the append just returned: no second round trip
+            yield from self._hand_out(rows, log_number_from)
+            if len(rows) < PAGE:
+                return
+            log_number_from += len(rows)
+        while True:
+            start = log_number_from
+            rows = self.run("a read of the journal",
+                            lambda conn: conn.execute(_READ, (start, PAGE)).fetchall())
+            yield from self._hand_out(rows, start)
+            if len(rows) < PAGE:
+                return
+            log_number_from += len(rows)
+
+    def _hand_out(self, rows: list, start: int) -> Iterator[dict[str, Any]]:
+        for number, (log_id, body) in enumerate(rows, start):
+            if log_id != number:  # cannot happen with the counter; never replay a hole
+                raise RuntimeError(f"the journal has no log {number} (next is {log_id}): "
+                                   "its table was edited by hand; restore it from a backup")
+            self._position = number + 1
+            yield body
+
+    # -- Optuna's BaseJournalSnapshot -----------------------------------------------
+
+    def save_snapshot(self, snapshot: bytes) -> None:
+        upto = self._position
+        if self._key is None:
+            self._warn_no_key()
+            return
+        if upto - self._snapshot_upto < max(SNAPSHOT_MIN_LOGS, self._snapshot_upto // 4):
+            return
+        params = {"optuna": self.optuna_version, "upto": upto, "body": snapshot,
+                  "mac": self._mac(upto, snapshot)}
+        self.run("saving a snapshot of the journal",
+                 lambda conn: conn.execute(_SAVE, params))
+        self._snapshot_upto = upto
+
+    def load_snapshot(self) -> bytes | None:
+        if self._key is None:
+            self._warn_no_key()
+            return None
+        row = self.run("loading a snapshot of the journal",
+                       lambda conn: conn.execute(_LOAD, (self.optuna_version,)).fetchone())
+        if row is None:
+            return None
+        upto, body, mac = row[0], bytes(row[1]), bytes(row[2])
+        if not signing.verify(self._key, mac, *self._signed(upto, body)):
+            log.warning("the journal's snapshot in the database is not signed with this "
+                        "home's key (%s), so it is not loaded: reading the whole journal "
+                        "instead. Someone with the database password wrote it, or the key "
+                        "was replaced; the next snapshot a worker saves replaces it",
+                        self.home.journal_key)
+            return None
+        self._snapshot_upto = upto
+        return body
+
+    def _signed(self, upto: int, body: bytes) -> tuple:
+        return ("pgjob journal snapshot", self.optuna_version, upto, body)
+
+    def _mac(self, upto: int, body: bytes) -> bytes:
+        return signing.sign(self._key, *self._signed(upto, body))
+
+    def _warn_no_key(self) -> None:
+        if not self._warned_key:
+            self._warned_key = True
+            log.warning("%s is missing or unreadable, so this worker neither saves nor loads "
+                        "snapshots of the journal (a worker joining a large study then reads "
+                        "all of it); run `pgjob init --home %s` to make it",
+                        self.home.journal_key, self.home.path)
+
+    # -- waiting for other workers' logs -------------------------------------------
+
+    def wait_for_logs(self, after: int, timeout: float) -> bool:
+        """Whether the journal holds more than `after` logs, waiting up to `timeout`
+        seconds for another worker's append (a NOTIFY, not a poll)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._listener is None or self._listener.closed:
+                self._listener = self._connect()
+                self._listener.execute(f"listen {CHANNEL}")
+            listener = self._listener
+        while True:
+            # listening first, then looking: an append in between is not missed
+            head = self.run("a look at the journal's length", lambda conn: conn.execute(
+                "select next from pgjob_journal_head").fetchone()[0])
+            if head > after:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for notice in listener.notifies(timeout=left, stop_after=1):
+                if notice.payload.isdigit() and int(notice.payload) > after:
+                    return True
+

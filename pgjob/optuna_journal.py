@@ -1,0 +1,114 @@
+"""PgJobJournalStorage: Optuna's JournalStorage on a journal home's server.
+
+Optuna's JournalStorage, whole, on pgjob's journal backend (journal.py), which follows
+the server across restarts and moves and never writes an append twice. Added:
+- pgjob's liveness for the trials this process runs (heartbeat.py), judged by the server
+  (trials.py), which fails a dead worker's trial by appending its log;
+- pickling (the backend reconnects where the server is then) and fork safety (a child
+  drops the parent's connection without closing it, and gets a worker id of its own, so
+  that parent and child never take each other's trials for their own).
+
+Importing this module imports Optuna; `pgjob.optuna_storage` does it only on journal homes.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+import weakref
+
+from optuna.storages import JournalStorage
+from optuna.trial import TrialState
+
+from . import heartbeat
+from .home import Home
+from .journal import PgJournalBackend
+
+_LIVE: "weakref.WeakSet[PgJobJournalStorage]" = weakref.WeakSet()
+
+
+def _close(backend: PgJournalBackend, beats: heartbeat.Heartbeats) -> None:
+    beats.new_trial.set()  # wake the thread, which finds its storage gone and ends
+    backend.close()
+
+
+class PgJobJournalStorage(JournalStorage):
+    """JournalStorage whose logs are in a pgjob server, which it follows across moves."""
+
+    def __init__(self, home: Home, *, wait: float = 600.0) -> None:
+        settings = home.settings()
+        self.pgjob_home = home
+        self.pgjob_liveness = (settings.heartbeat_interval, settings.grace_period, True)
+        pause = min(5.0, max(0.5, settings.grace_period / 4))  # as for rdb homes
+        super().__init__(PgJournalBackend(home, wait=wait, pause=pause))
+        self._follow()
+
+    def _follow(self) -> None:
+        self.pgjob_heartbeats = heartbeat.Heartbeats(self, *self.pgjob_liveness)
+        weakref.finalize(self, _close, self._backend, self.pgjob_heartbeats)
+        _LIVE.add(self)
+
+    @property
+    def pgjob_backend(self) -> PgJournalBackend:
+        return self._backend
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("pgjob_heartbeats", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Optuna's unpickled storage starts from an empty state and reads the journal on
+        # its first call; the snapshot makes that fast.
+        with self._thread_lock:
+            snapshot = self._backend.load_snapshot()
+            if snapshot is not None:
+                self.restore_replay_result(snapshot)
+        self._follow()
+
+    def _forked(self) -> None:
+        self._backend.forked()
+        self._worker_id_prefix = str(uuid.uuid4()) + "-"
+        self._replay_result._worker_id_prefix = self._worker_id_prefix
+        self.pgjob_heartbeats = heartbeat.Heartbeats(self, *self.pgjob_liveness)
+
+    # -- pgjob's heartbeat ---------------------------------------------------------------
+
+    def create_new_trial(self, study_id, template_trial=None):
+        trial_id = super().create_new_trial(study_id, template_trial)
+        # a copy (add_trial, copy_study, a retry) is nobody's trial to run, so not ours
+        if template_trial is None:
+            self.pgjob_heartbeats.started(trial_id)
+        return trial_id
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        try:
+            updated = super().set_trial_state_values(trial_id, state, values)
+        finally:
+            if state.is_finished():  # done, or finished by someone else: no more beats
+                self.pgjob_heartbeats.finished(trial_id)
+        if state == TrialState.RUNNING and updated:
+            self.pgjob_heartbeats.started(trial_id)
+        return updated
+
+    def pgjob_beat(self, params: dict) -> set[int]:
+        """One heartbeat for the trials `params["ids"]`; those still RUNNING as the
+        journal says (a trial the server failed meanwhile drops out)."""
+        def beat(conn):
+            with conn.transaction():
+                conn.execute("set local synchronous_commit = off")
+                conn.execute(heartbeat.BEAT_ALL, params)
+        self._backend.run("a heartbeat", beat)
+        with self._thread_lock:
+            self._sync_with_backend()
+            trials = self._replay_result._trials
+            return {i for i in params["ids"]
+                    if i in trials and trials[i].state == TrialState.RUNNING}
+
+
+def _after_fork_in_child() -> None:
+    for storage in list(_LIVE):
+        storage._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
