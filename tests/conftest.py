@@ -24,7 +24,7 @@ from pgjob.initialize import init
 
 IS_ROOT = os.geteuid() == 0
 LOOPBACK = ("--host", "127.0.0.1")
-PG_FIXTURES = {"server", "home_path", "template_home", "fast_server"}
+PG_FIXTURES = {"server", "home_path", "template_home", "fast_server", "journal_server"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -169,6 +169,25 @@ def fast_server(template_home, tmp_path_factory):
     set_settings(path, **FAST)
     served = Served(path, base / "serve.log")
     Served.started.remove(served)  # it outlives each test: stopped below, after the module
+    try:
+        served.endpoint()
+        yield served
+    finally:
+        if served.process.poll() is None:
+            served.stop()
+        served.process.wait(60)
+
+
+@pytest.fixture(scope="module")
+def journal_server(template_home, tmp_path_factory):
+    """As fast_server, on a journal home (storage = "journal"): `pgjob.optuna_storage()`
+    there is Optuna's JournalStorage with its logs in the server."""
+    base = tmp_path_factory.mktemp("journal")
+    path = base / "home"
+    shutil.copytree(template_home, path, symlinks=True)
+    set_settings(path, storage="journal", **FAST)
+    served = Served(path, base / "serve.log")
+    Served.started.remove(served)
     try:
         served.endpoint()
         yield served

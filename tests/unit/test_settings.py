@@ -26,10 +26,11 @@ def test_good_values_are_typed_and_normalized():
         {"allow": ["10.1.2.9/24", " 10.1.2.3 ", "10.1.2.0/24", "fd00::/8"], "port": 6000,
          "workers": 1, "database": "Study_1", "user": "_app", "backups_keep": 1,
          "backup_interval": 0, "stop_margin": 0, "pooler": "pgbouncer", "run_as": "pg-job.1",
-         "pg_bin": "/opt/pg 15/bin"})
+         "pg_bin": "/opt/pg 15/bin", "storage": "journal"})
     assert settings.allow == ("10.1.2.0/24", "10.1.2.3/32", "fd00::/8")
     assert (settings.port, settings.workers, settings.database, settings.user) == (
         6000, 1, "Study_1", "_app")
+    assert settings.storage == "journal"
 
 
 def test_environment_text_becomes_numbers_and_networks():
@@ -97,6 +98,8 @@ BAD = [
     ("stop_margin", 2**63, "pgjob.toml"),  # no TOML integer holds it
     ("pooler", "pgpool", "PGJOB_POOLER"),
     ("pooler", ["pgbouncer"], "pgjob.toml"),
+    ("storage", "Journal", "PGJOB_STORAGE"),  # every worker must read the same kind
+    ("storage", "redis", "--storage"),
     ("run_as", "a b", "--run-as"),
     ("run_as", "-root", "--run-as"),
     ("run_as", 0, "pgjob.toml"),
@@ -119,6 +122,7 @@ def test_the_accepted_form_is_spelled_out():
     assert "from 1 to" in refused({"backups_keep": 0})
     assert "letters" in refused({"user": "a,postgres"})
     assert '"pgbouncer"' in refused({"pooler": "pgpool"})
+    assert '"rdb", "journal"' in refused({"storage": "file"})
 
 
 def test_the_app_role_cannot_be_the_superuser():
