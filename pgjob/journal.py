@@ -154,6 +154,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._key = signing.key(home)
         self._warned_key = False
         self._listener: psycopg.Connection | None = None
+        self._listening = False
 
     # -- the connection ---------------------------------------------------------------
 
@@ -326,13 +327,17 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
 
     def wait_for_logs(self, after: int, timeout: float) -> bool:
         """Whether the journal holds more than `after` logs, waiting up to `timeout`
-        seconds for another worker's append (a NOTIFY, not a poll)."""
+        seconds for another worker's append: asleep on a NOTIFY, not polling. (Behind
+        pgbouncer's transaction pooling no session can LISTEN: there it looks once a
+        second instead.)"""
         deadline = time.monotonic() + timeout
         with self._lock:
             if self._listener is None or self._listener.closed:
-                self._listener = self._connect()
-                self._listener.execute(f"listen {CHANNEL}")
-            listener = self._listener
+                self._listener, self._listening = self._connect(), False
+                if not self._pooled():
+                    self._listener.execute(f"listen {CHANNEL}")
+                    self._listening = True
+            listener, listening = self._listener, self._listening
         while True:
             # listening first, then looking: an append in between is not missed
             head = self.run("a look at the journal's length", lambda conn: conn.execute(
@@ -342,7 +347,13 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
+            if not listening:
+                time.sleep(min(left, 1.0))
+                continue
             for notice in listener.notifies(timeout=left, stop_after=1):
                 if notice.payload.isdigit() and int(notice.payload) > after:
                     return True
 
+    def _pooled(self) -> bool:
+        found = endpoint.read(self.home)
+        return bool(found and found.pooler)

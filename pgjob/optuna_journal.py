@@ -72,6 +72,16 @@ class PgJobJournalStorage(JournalStorage):
         self._replay_result._worker_id_prefix = self._worker_id_prefix
         self.pgjob_heartbeats = heartbeat.Heartbeats(self, *self.pgjob_liveness)
 
+    def wait_for_change(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for any worker to write to this home's studies
+        (a new trial, a result, ...); whether one did. For a script that waits on others'
+        results (an ask-and-tell driver, a monitor): it sleeps on a NOTIFY from the
+        server instead of reading the studies in a loop."""
+        with self._thread_lock:
+            self._sync_with_backend()
+            seen = self._replay_result.log_number_read
+        return self._backend.wait_for_logs(seen, timeout)
+
     # -- pgjob's heartbeat ---------------------------------------------------------------
 
     def create_new_trial(self, study_id, template_trial=None):

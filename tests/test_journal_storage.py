@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import signal
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import optuna
@@ -169,3 +170,23 @@ def test_an_rdb_home_with_studies_refuses_a_journal_worker(server, monkeypatch):
 def test_optuna_s_own_heartbeat_arguments_are_refused_on_a_journal_home(journal_server):
     with pytest.raises(UsageError, match="heartbeat_interval.*always on"):
         pgjob.optuna_storage(journal_server.home_path, heartbeat_interval=10)
+
+
+def test_a_driver_waits_for_other_workers_results_without_polling(journal_server, tmp_path):
+    home = journal_server.home_path
+    driver = pgjob.optuna_storage(home)
+    optuna.create_study(study_name="awaited", storage=driver)
+    assert driver.wait_for_change(0.5) is False  # nobody wrote
+    os.environ["PGJOB_HOME"] = str(home)
+    try:
+        worker, log = start_script(tmp_path, "late", WORKER, "awaited", 1, 0.0)
+    finally:
+        os.environ.pop("PGJOB_HOME")
+    started = time.monotonic()
+    assert driver.wait_for_change(60) is True, log.read_text()
+    assert time.monotonic() - started < 30
+    assert worker.wait(60) == 0, log.read_text()
+    with journal_server.endpoint().connect() as conn:
+        listening = conn.execute("select count(*) from pg_stat_activity "
+                                 "where query like 'listen%'").fetchone()[0]
+    assert listening >= 1  # asleep on LISTEN, not reading the study in a loop
