@@ -28,7 +28,9 @@ pgjob=${PGJOB:-pgjob}
 
 echo "optuna-worker.sh: task ${SLURM_ARRAY_TASK_ID:-1} of job ${SLURM_JOB_ID:-?} on" \
      "${SLURMD_NODENAME:-$(hostname)}: waiting for the server of $PGJOB_HOME"
-# Wait here, not in Python, so the job log says plainly when the server was found.
-"$pgjob" url --wait "${PGJOB_WAIT:-3600}" >/dev/null
+# Wait here, not in Python, so the job log says plainly when the server was found. The
+# libpq form is the server's address, which every home has (a journal home has no URL
+# for plain Optuna; the objective reaches it through pgjob.optuna_storage()).
+"$pgjob" url --format libpq --wait "${PGJOB_WAIT:-3600}" >/dev/null
 echo "optuna-worker.sh: server found; running $trials trials of $objective in study $study"
 exec "$python" "$objective" --study "$study" --trials "$trials" "${@:2}"

@@ -66,8 +66,10 @@ def init(home, **options) -> None:
     result = do_init(open_home(home, options["run_as"] or "", create=True).path, **options)
     verb = "created" if result.created else "checked and repaired"
     click.echo(f"pgjob home {verb}: {result.home.path}")
+    reach = ("pgjob.optuna_storage() in workers (a journal home has no URL)"
+             if result.settings.storage == "journal" else "`pgjob url --wait 60` in workers")
     click.echo(f"next: `pgjob serve --home {result.home.path}` (or sbatch "
-               "jobscripts/pgjob-serve.sh), then `pgjob url --wait 60` in workers")
+               f"jobscripts/pgjob-serve.sh), then {reach}")
 
 
 @main.command()
