@@ -153,6 +153,32 @@ def test_workers_on_two_nodes_share_one_study_with_the_server_on_a_third(
     assert (cluster_home / "logs" / f"serve-{server}.out").exists()
 
 
+def test_the_same_worker_jobs_run_a_study_on_a_journal_home(cluster, slurm, tmp_path):
+    """`pgjob init --storage journal`, then the unchanged job scripts: the workers on two
+    nodes share the study through the journal, and nothing else is made in the database."""
+    home = tmp_path / "home"
+    run_pgjob("init", "--home", str(home), "--workers", "16", "--storage", "journal",
+              check=True)
+    server = serve_job(slurm, home, "node1")
+    found = published(home)
+    workers = [worker_job(slurm, home, node, "journal-cross-node", 15, 0.1)
+               for node in ("node2", "node3")]
+    for job in workers:
+        assert slurm.wait_state(job, FINISHED, 180) == "COMPLETED", worker_logs(slurm)
+    assert "waiting for the server" in worker_logs(slurm)
+    import optuna
+
+    import pgjob
+    trials = optuna.load_study(study_name="journal-cross-node",
+                               storage=pgjob.optuna_storage(home, wait=30)).trials
+    assert sorted(t.number for t in trials) == list(range(30))
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    with found.connect() as conn:
+        assert conn.execute("select to_regclass('public.trials')").fetchone()[0] is None
+    run_pgjob("stop", "--home", str(home), "--wait", "60", check=True)
+    assert slurm.wait_state(server, FINISHED, 60) == "COMPLETED"
+
+
 def test_scancel_stops_the_server_cleanly_on_its_node(cluster, slurm, cluster_home):
     job = serve_job(slurm, cluster_home, "node2")
     found = published(cluster_home)
