@@ -17,6 +17,7 @@ import uuid
 import weakref
 
 from optuna.storages import JournalStorage
+from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
 from . import heartbeat
@@ -24,6 +25,26 @@ from .home import Home
 from .journal import PgJournalBackend
 
 _LIVE: "weakref.WeakSet[PgJobJournalStorage]" = weakref.WeakSet()
+
+
+class _NoSnapshots(BaseJournalBackend):
+    """The same backend, seen without its snapshots: what Optuna is given to create a
+    trial while no snapshot is due, so that it does not pickle the whole study for one
+    that would not be saved."""
+
+    def __init__(self, backend: PgJournalBackend) -> None:
+        self.backend = backend
+
+    def read_logs(self, log_number_from):
+        return self.backend.read_logs(log_number_from)
+
+    def append_logs(self, logs):
+        self.backend.append_logs(logs)
+
+    def __getattr__(self, name):  # run(), wait_for_logs(), ... as the backend has them
+        if name == "backend" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.backend, name)
 
 
 def _close(backend: PgJournalBackend, beats: heartbeat.Heartbeats) -> None:
@@ -49,11 +70,13 @@ class PgJobJournalStorage(JournalStorage):
 
     @property
     def pgjob_backend(self) -> PgJournalBackend:
-        return self._backend
+        backend = self._backend
+        return backend.backend if isinstance(backend, _NoSnapshots) else backend
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("pgjob_heartbeats", None)
+        state["_backend"] = self.pgjob_backend  # never the view a trial creation uses
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -67,7 +90,7 @@ class PgJobJournalStorage(JournalStorage):
         self._follow()
 
     def _forked(self) -> None:
-        self._backend.forked()
+        self.pgjob_backend.forked()
         self._worker_id_prefix = str(uuid.uuid4()) + "-"
         self._replay_result._worker_id_prefix = self._worker_id_prefix
         self.pgjob_heartbeats = heartbeat.Heartbeats(self, *self.pgjob_liveness)
@@ -80,12 +103,20 @@ class PgJobJournalStorage(JournalStorage):
         with self._thread_lock:
             self._sync_with_backend()
             seen = self._replay_result.log_number_read
-        return self._backend.wait_for_logs(seen, timeout)
+        return self.pgjob_backend.wait_for_logs(seen, timeout)
 
-    # -- pgjob's heartbeat ---------------------------------------------------------------
+    # -- trials: snapshots only when due, and pgjob's heartbeat -------------------------
 
     def create_new_trial(self, study_id, template_trial=None):
-        trial_id = super().create_new_trial(study_id, template_trial)
+        backend = self.pgjob_backend
+        if backend.snapshot_due():
+            trial_id = super().create_new_trial(study_id, template_trial)
+        else:
+            self._backend = _NoSnapshots(backend)
+            try:
+                trial_id = super().create_new_trial(study_id, template_trial)
+            finally:
+                self._backend = backend
         # a copy (add_trial, copy_study, a retry) is nobody's trial to run, so not ours
         if template_trial is None:
             self.pgjob_heartbeats.started(trial_id)
@@ -108,7 +139,7 @@ class PgJobJournalStorage(JournalStorage):
             with conn.transaction():
                 conn.execute("set local synchronous_commit = off")
                 conn.execute(heartbeat.BEAT_ALL, params)
-        self._backend.run("a heartbeat", beat)
+        self.pgjob_backend.run("a heartbeat", beat)
         with self._thread_lock:
             self._sync_with_backend()
             trials = self._replay_result._trials

@@ -190,3 +190,34 @@ def test_a_driver_waits_for_other_workers_results_without_polling(journal_server
         listening = conn.execute("select count(*) from pg_stat_activity "
                                  "where query like 'listen%'").fetchone()[0]
     assert listening >= 1  # asleep on LISTEN, not reading the study in a loop
+
+
+def test_a_large_study_is_snapshotted_rarely_and_a_new_worker_starts_from_it(journal_server,
+                                                                              monkeypatch):
+    import optuna.storages.journal._storage as optuna_journal
+
+    pickled = []
+    dumps = optuna_journal.pickle.dumps
+    monkeypatch.setattr(optuna_journal.pickle, "dumps",
+                        lambda obj, *a, **k: pickled.append(1) or dumps(obj, *a, **k))
+    home = journal_server.home_path
+    study = optuna.create_study(study_name="large", storage=pgjob.optuna_storage(home))
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    study.add_trials([optuna.trial.create_trial(params={"x": i / 3000}, distributions=dist,
+                                                value=i) for i in range(3000)])
+    # Optuna offers a snapshot every 100 trials; pgjob lets it pickle only the ones it saves
+    assert 1 <= len(pickled) <= 3
+    with journal_server.endpoint().connect() as conn:
+        upto = conn.execute("select upto from pgjob_journal_snapshots").fetchone()[0]
+    assert upto >= 2000
+    study.optimize(quadratic, n_trials=2)  # logs after the snapshot
+    from pgjob.journal import PgJournalBackend
+
+    read_from = []
+    read_logs = PgJournalBackend.read_logs
+    monkeypatch.setattr(PgJournalBackend, "read_logs",
+                        lambda self, n: read_from.append(n) or read_logs(self, n))
+    joined = optuna.load_study(study_name="large", storage=pgjob.optuna_storage(home))
+    assert read_from[0] == upto  # the snapshot, then only the logs after it
+    assert [(t.number, t.value) for t in joined.trials] == [
+        (t.number, t.value) for t in study.trials]
