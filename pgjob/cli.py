@@ -180,7 +180,8 @@ def restore(dump_file, home, **options) -> None:
 
     target = open_home(home, options["run_as"] or "", create=True).path
     made = restore_new_home(dump_file, target, **options)
-    click.echo(f"restored {dump_file} into the new home {made.path}; serve it with "
+    click.echo(f"restored {dump_file} into the new home {made.path} (storage = "
+               f"{made.settings().storage!r}); serve it with "
                f"`pgjob serve --home {made.path}` or `pgjob submit --home {made.path}`")
 
 
