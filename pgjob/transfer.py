@@ -17,6 +17,8 @@ The rules, for the user (docs/guide.md says the same):
   linked there only once complete: no link someone planted is followed, a name taken
   meanwhile is never overwritten, and a failed export leaves nothing behind. It is 0600,
   like a backup: it holds whole studies.
+- Each study is copied whole or not at all (a failed one is deleted from the target); into
+  a home or an existing file, those copied before a failure stay.
 - An existing file is written to only if it is an Optuna storage, a regular file (not a
   link) and ours.
 """
@@ -236,6 +238,7 @@ class _FileSide:
     def __init__(self, file: StudyFile) -> None:
         self.file = file
         self.label = file.label
+        self.all_or_nothing = not file.exists  # a new file is placed only when complete
 
     def check_source(self) -> None:
         _check_is_storage(self.file)
@@ -332,6 +335,7 @@ class _HomeSide:
         self.home = home
         self.wait = wait
         self.label = f"the home {home.path}"
+        self.all_or_nothing = False
 
     def check_source(self) -> None:
         pass  # the home was checked when it was opened; its server is asked below
@@ -384,7 +388,8 @@ def import_(home: Home, *, from_file: StudyFile | None = None, from_home: Home |
 def copy(source, target, names: tuple[str, ...], *, allow_running: bool,
          say: Callable[[str], None]) -> list[Copied]:
     """Every check first (the studies exist, none is running, none is in the target), then
-    one copy_study per study, with a line said for each."""
+    one copy_study per study, each whole or not at all, with a line said for each once it
+    is in the target for good: at once, or for a new file once the file is placed."""
     source.check_source()
     target.check_target()
     with _quiet_optuna(), source.reading() as reader:
@@ -394,9 +399,22 @@ def copy(source, target, names: tuple[str, ...], *, allow_running: bool,
             return []
         if not allow_running:
             _refuse_running(reader, chosen, source.label)
+        done: list[Copied] = []
         with target.writing() as writer:
             _refuse_clashes(writer, chosen, target.label)
-            return [_copy_one(reader, writer, name, target.label, say) for name in chosen]
+            for name in chosen:
+                done.append(_copy_one(reader, writer, name, target.label))
+                if not target.all_or_nothing:
+                    say(_copied_line(done[-1], target.label))
+    if target.all_or_nothing:
+        for copied in done:
+            say(_copied_line(copied, target.label))
+    return done
+
+
+def _copied_line(copied: Copied, label: str) -> str:
+    trials = f"{copied.trials} trial" + ("" if copied.trials == 1 else "s")
+    return f"copied {copied.study!r} ({trials}) to {label}"
 
 
 @contextmanager
@@ -436,8 +454,8 @@ def _refuse_running(storage, names: list[str], label: str) -> None:
             busy.append(f"{name!r} ({len(running)} RUNNING)")
     if busy:
         raise UsageError(
-            f"{', '.join(busy)} in {label} still has trials running; nothing was copied. "
-            "Copy when its workers are done (or stopped), or pass --allow-running to copy "
+            f"trials are still running in {label}: {', '.join(busy)}; nothing was copied. "
+            "Copy when their workers are done (or stopped), or pass --allow-running to copy "
             "those trials as RUNNING: in the copy no worker runs them and no server fails "
             "them")
 
@@ -453,7 +471,7 @@ def _refuse_clashes(storage, names: list[str], label: str) -> None:
             "copy into a new file")
 
 
-def _copy_one(reader, writer, name: str, label: str, say) -> Copied:
+def _copy_one(reader, writer, name: str, label: str) -> Copied:
     """One study, whole or not at all: a copy cut short is deleted from the target."""
     import optuna
 
@@ -463,26 +481,27 @@ def _copy_one(reader, writer, name: str, label: str, say) -> Copied:
         raise UsageError(f"{label} got a study named {name!r} from someone else while "
                          "copying; it was left alone, and nothing of it copied: see whose "
                          "it is, then copy again") from None
-    except BaseException as exc:
+    except PgJobError as exc:  # the server stayed away, say: the message says what to do
+        _delete_partial(writer, name, exc)
+        raise
+    except Exception as exc:  # a damaged source, most often
+        _delete_partial(writer, name, exc)
+        raise PgJobError(f"copying {name!r} failed: {first_line(exc)}; nothing of it was "
+                         f"left in {label}. If the source is damaged, copy the other studies "
+                         "with --study") from exc
+    except BaseException as exc:  # interrupted
         _delete_partial(writer, name, exc)
         raise
     trials = len(writer.get_all_trials(writer.get_study_id_from_name(name), deepcopy=False))
-    say(f"copied {name!r} ({trials} trials) to {label}")
     return Copied(name, trials)
 
 
 def _delete_partial(storage, name: str, cause: BaseException) -> None:
     """Remove what a failed copy made (the name was checked free just before)."""
     try:
-        study_id = storage.get_study_id_from_name(name)
+        storage.delete_study(storage.get_study_id_from_name(name))
     except KeyError:
         return  # it failed before the study was made
-    except Exception:
-        study_id = None
-    try:
-        if study_id is None:
-            raise RuntimeError("the target could not be asked for it")
-        storage.delete_study(study_id)
     except Exception as exc:
         raise PgJobError(f"copying {name!r} failed ({first_line(cause)}), and its partial "
                          f"copy could not be deleted ({first_line(exc)}); delete it by hand "

@@ -185,7 +185,8 @@ def test_a_study_with_running_trials_is_copied_only_when_asked(homes, tmp_path):
     db = tmp_path / "busy.db"
 
     error = refused(run_pgjob("export", "--home", str(homes.rdb), "--study", "busy", str(db)))
-    assert "'busy' (1 RUNNING)" in error and "--allow-running" in error
+    assert f"running in the home {homes.rdb}: 'busy' (1 RUNNING)" in error
+    assert "--allow-running" in error
     assert not db.exists()
 
     copied_lines(run_pgjob("export", "--home", str(homes.rdb), "--study", "busy",
@@ -193,6 +194,30 @@ def test_a_study_with_running_trials_is_copied_only_when_asked(homes, tmp_path):
     copy = optuna.load_study(study_name="busy", storage=sqlite_url(db))
     assert [t.state for t in copy.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
     study.tell(running, 0.5)
+
+
+def test_a_study_that_cannot_be_copied_leaves_nothing_of_itself(homes, tmp_path):
+    storage = pgjob.optuna_storage(homes.rdb)
+    optuna.create_study(storage=storage, study_name="fine").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    broken = optuna.create_study(storage=storage, study_name="broken")
+    trial = broken.ask()  # two values in a one-objective study: copy_study refuses it
+    storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [1.0, 2.0])
+    picked = ("--study", "fine", "--study", "broken")
+
+    db = tmp_path / "new.db"  # a new file: all or nothing
+    done = run_pgjob("export", "--home", str(homes.rdb), *picked, str(db))
+    error = refused(done, code=3)
+    assert "copying 'broken' failed: The added trial has 2 values" in error
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+    # a home keeps the studies copied whole before the failure, and nothing of the other
+    done = run_pgjob("export", "--home", str(homes.rdb), *picked, "--to-home",
+                     str(homes.journal_b))
+    refused(done, code=3)
+    assert done.stdout == f"copied 'fine' (1 trial) to the home {homes.journal_b}\n"
+    names = {s.study_name for s in pgjob.optuna_storage(homes.journal_b).get_all_studies()}
+    assert "fine" in names and "broken" not in names
 
 
 def test_no_planted_link_is_followed_and_no_other_file_written_into(homes, tmp_path):
