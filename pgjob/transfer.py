@@ -57,11 +57,16 @@ class Copied:
 # -- the file side ---------------------------------------------------------------------
 
 
-def _me() -> str:
+def _owner(uid: int) -> str:
     try:
-        return pwd.getpwuid(os.geteuid()).pw_name
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {os.geteuid()}"
+        return f"uid {uid}"
+
+
+def _me() -> str:
+    """The account pgjob acts as (the home's owner, when started as root)."""
+    return _owner(os.geteuid())
 
 
 @dataclass(frozen=True)
@@ -300,13 +305,6 @@ class _FileSide:
             _place(work, final)
         finally:
             shutil.rmtree(private, ignore_errors=True)
-
-
-def _owner(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _place(work: Path, final: Path) -> None:
