@@ -168,6 +168,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._lock = threading.RLock()
         self._conn = self._listener = self._fetched = None
         self._pid = os.getpid()
+        self._position = 0  # an unpickled JournalStorage replays from the start
 
     def forked(self) -> None:
         """In a child after fork: the parent's connections are not ours. psycopg never
@@ -250,6 +251,9 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._fetched = (known, rows)
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        # Optuna says how far it has read: after a snapshot it may be far past what this
+        # backend handed out, and the next append asks for the logs after this position.
+        self._position = log_number_from
         fetched, self._fetched = self._fetched, None
         if fetched is not None and fetched[0] == log_number_from:
             rows = fetched[1]  # what the append just returned: no second round trip
@@ -306,6 +310,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
                         self.home.journal_key)
             return None
         self._snapshot_upto = upto
+        self._position = upto  # where the replay restored from it has read to
         return body
 
     def _signed(self, upto: int, body: bytes) -> tuple:
