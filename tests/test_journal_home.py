@@ -1,4 +1,6 @@
-"""A journal home (storage = "journal") served for real.
+"""A journal home (storage = "journal") served for real: the server's sweep fails a dead
+worker's trial by appending its log and queues a retry, and leaves a live worker's trial
+alone across a restart.
 
 One served home for the module, with 1 s heartbeats and a 3 s grace period; each test uses
 studies of its own names.
@@ -8,6 +10,9 @@ from __future__ import annotations
 import collections
 import pickle
 import shutil
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
@@ -17,10 +22,25 @@ from conftest import FAST, Served, set_settings
 from pgjob import journal
 from pgjob.home import open_home
 from pgjob.journal import PgJournalBackend
+from pgjob.waiting import until
 
 pytestmark = pytest.mark.pg
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+WORKER = """
+import sys, time, optuna, pgjob
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+home, name, trials, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+study = optuna.create_study(storage=pgjob.optuna_storage(home, wait=120), study_name=name,
+                            load_if_exists=True)
+def objective(trial):
+    x = trial.suggest_float("x", -1, 1)
+    time.sleep(pause)
+    return x * x
+study.optimize(objective, n_trials=trials)
+print("worker finished", flush=True)
+"""
 
 
 class JournalHome:
@@ -74,6 +94,62 @@ def journal_home(template_home, tmp_path_factory):
         yield home
     finally:
         home.stop()
+
+
+def start_worker(home: JournalHome, tmp_path, study: str, trials: int, pause: float):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    log = tmp_path / f"worker-{study}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(script), str(home.path), study,
+                                    str(trials), str(pause)], stdout=out,
+                                   stderr=subprocess.STDOUT)
+    return process, log
+
+
+def test_a_killed_worker_s_trial_is_failed_by_the_server_and_retried(journal_home, tmp_path):
+    worker, log = start_worker(journal_home, tmp_path, "killed", 1, 600)
+    try:
+        assert until(lambda: journal_home.states("killed") == {"RUNNING": 1}, 60), \
+            log.read_text()
+        trial, = journal_home.trials("killed")
+        assert until(lambda: trial._trial_id in journal_home.beats(), 10)
+    finally:
+        worker.kill()
+        worker.wait(10)
+    # no other worker runs this study: the server's own sweep fails it, by a log
+    assert until(lambda: journal_home.states("killed") == {"FAIL": 1, "WAITING": 1}, 30), \
+        journal_home.states("killed")
+    retry = [t for t in journal_home.trials("killed") if t.state.name == "WAITING"][0]
+    assert retry.system_attrs["failed_trial"] == trial.number
+    assert retry.params == trial.params  # the same point is tried again
+    assert f"failed trial {trial._trial_id}: no heartbeat for" in journal_home.log.read_text()
+    # the finished trial's heartbeat row is tidied away by a later sweep
+    assert until(lambda: trial._trial_id not in journal_home.beats(), 10)
+    # and no sweep failed, before the first worker made the journal's tables or after
+    assert "sweep failed" not in journal_home.log.read_text(), journal_home.log.read_text()
+
+
+def test_a_live_worker_s_trial_is_kept_by_the_sweeps_and_across_a_restart(journal_home,
+                                                                          tmp_path):
+    worker, log = start_worker(journal_home, tmp_path, "alive", 1, 14)
+    try:
+        assert until(lambda: journal_home.states("alive") == {"RUNNING": 1}, 60), \
+            log.read_text()
+        trial, = journal_home.trials("alive")
+        time.sleep(4)  # longer than the grace period: sweeps came, its heartbeat kept it
+        assert journal_home.states("alive") == {"RUNNING": 1}
+        journal_home.stop()
+        time.sleep(4)  # no server to send heartbeats to, for longer than the grace period
+        journal_home.start()  # refreshes the heartbeats before it publishes and sweeps
+        assert worker.wait(60) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert journal_home.states("alive") == {"COMPLETE": 1}
+    served = journal_home.log.read_text()
+    assert "running trials a fresh heartbeat after the restart" in served
+    assert "sweep failed" not in served and f"failed trial {trial._trial_id}:" not in served
 
 
 def test_an_append_after_a_snapshot_gets_only_the_logs_after_it(journal_home, monkeypatch):
