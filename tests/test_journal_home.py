@@ -1,6 +1,6 @@
 """A journal home (storage = "journal") served for real: the server's sweep fails a dead
-worker's trial by appending its log and queues a retry, and leaves a live worker's trial
-alone across a restart.
+worker's trial by appending its log and queues a retry, leaves a live worker's trial alone
+across a restart, and `pgjob status` counts the journal's trials.
 
 One served home for the module, with 1 s heartbeats and a 3 s grace period; each test uses
 studies of its own names.
@@ -8,6 +8,7 @@ studies of its own names.
 from __future__ import annotations
 
 import collections
+import json
 import pickle
 import shutil
 import subprocess
@@ -16,9 +17,10 @@ import time
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 import pgjob
-from conftest import FAST, Served, set_settings
+from conftest import FAST, Served, run_pgjob, set_settings
 from pgjob import journal
 from pgjob.home import open_home
 from pgjob.journal import PgJournalBackend
@@ -150,6 +152,61 @@ def test_a_live_worker_s_trial_is_kept_by_the_sweeps_and_across_a_restart(journa
     served = journal_home.log.read_text()
     assert "running trials a fresh heartbeat after the restart" in served
     assert "sweep failed" not in served and f"failed trial {trial._trial_id}:" not in served
+
+
+def test_status_counts_the_journal_s_trials_by_state_as_optuna_does(journal_home):
+    storage = journal_home.storage
+    study = optuna.create_study(storage=storage, study_name="counted")
+    optuna.create_study(storage=storage, study_name="counted", load_if_exists=True)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+
+    def pruned(trial):
+        raise optuna.TrialPruned()
+
+    def failing(trial):
+        raise ValueError("on purpose")
+
+    study.optimize(pruned, n_trials=1)
+    study.optimize(failing, n_trials=1, catch=(ValueError,))
+    study.enqueue_trial({"x": 0.25})
+    running = study.ask()  # takes the enqueued trial: WAITING, then RUNNING
+    study.enqueue_trial({"x": 0.5})
+    # a fail that comes after the trial completed (the server's sweep, say) changes nothing
+    late = optuna.storages.JournalStorage(PgJournalBackend(journal_home.home, wait=10))
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        late.set_trial_state_values(study.trials[0]._trial_id, TrialState.FAIL)
+    late._backend.close()
+    gone = optuna.create_study(storage=storage, study_name="renewed")
+    gone.optimize(lambda t: 1.0, n_trials=2)
+    optuna.delete_study(study_name="renewed", storage=storage)
+    optuna.create_study(storage=storage, study_name="renewed").optimize(lambda t: 1.0,
+                                                                        n_trials=1)
+    try:
+        done = run_pgjob("status", "--home", str(journal_home.path), "--json")
+        text = run_pgjob("status", "--home", str(journal_home.path))
+        mistaken = run_pgjob("status", "--home", str(journal_home.path), "--json",
+                             env={"PGJOB_STORAGE": "rdb"})
+    finally:
+        study.tell(running, 0.25)
+    facts = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert facts["storage"] == "journal" and "optuna_schema" not in facts
+    assert facts["studies"]["counted"] == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 1,
+                                           "WAITING": 1, "RUNNING": 1}
+    assert facts["studies"]["renewed"] == {"COMPLETE": 1}
+    assert facts["journal"]["logs"] > 20
+    assert "study counted: 3 complete, 1 fail, 1 pruned, 1 running, 1 waiting" in text.stdout
+    assert f"storage:     journal, {facts['journal']['logs']} logs" in text.stdout
+    assert "no Optuna tables" not in text.stdout
+    # a setting that disagrees with the database shows the journal's studies all the same
+    wrong = json.loads(mistaken.stdout)
+    assert mistaken.returncode == 1 and wrong["storage"] == "journal"
+    assert wrong["studies"]["counted"] == facts["studies"]["counted"]
+    assert "the home is set to storage = 'rdb'" in wrong["problems"][0]
+    # and every other study agrees with Optuna's own replay of the same journal
+    for name, counts in facts["studies"].items():
+        if name not in ("counted", "killed", "alive"):  # those may change meanwhile
+            assert counts == journal_home.states(name), name
 
 
 def test_an_append_after_a_snapshot_gets_only_the_logs_after_it(journal_home, monkeypatch):
