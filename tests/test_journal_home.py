@@ -1,6 +1,6 @@
 """A journal home (storage = "journal") served for real: the server's sweep fails a dead
 worker's trial by appending its log and queues a retry, leaves a live worker's trial alone
-across a restart, and `pgjob status` counts the journal's trials.
+across a restart, `pgjob status` counts the journal's trials, `pgjob dashboard` shows them.
 
 One served home for the module, with 1 s heartbeats and a 3 s grace period; each test uses
 studies of its own names.
@@ -11,19 +11,25 @@ import collections
 import json
 import pickle
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from dataclasses import replace
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 import pgjob
-from conftest import FAST, Served, run_pgjob, set_settings
-from pgjob import journal
+from conftest import FAST, Served, pgjob_cmd, run_pgjob, set_settings
+from pgjob import dashboard, journal
 from pgjob.home import open_home
 from pgjob.journal import PgJournalBackend
+from pgjob.tunnel import free_port
 from pgjob.waiting import until
 
 pytestmark = pytest.mark.pg
@@ -207,6 +213,86 @@ def test_status_counts_the_journal_s_trials_by_state_as_optuna_does(journal_home
     for name, counts in facts["studies"].items():
         if name not in ("counted", "killed", "alive"):  # those may change meanwhile
             assert counts == journal_home.states(name), name
+
+
+def test_the_dashboard_serves_the_journal_s_studies(journal_home, tmp_path):
+    optuna.create_study(storage=journal_home.storage, study_name="on-the-board").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    port = free_port()
+    with open(tmp_path / "dashboard.log", "w") as log:
+        board = subprocess.Popen(pgjob_cmd("dashboard", "--home", str(journal_home.path),
+                                           "--port", str(port)), stdout=log, stderr=log)
+    try:
+        def get(path):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
+                                            timeout=5) as answer:
+                    return json.load(answer)
+            except OSError:
+                return None
+
+        listed = until(lambda: get("/api/studies"), 60, interval=0.3)
+        assert listed, (tmp_path / "dashboard.log").read_text()
+        ids = {s["study_name"]: s["study_id"] for s in listed["study_summaries"]}
+        detail = get(f"/api/studies/{ids['on-the-board']}")
+        assert [t["state"] for t in detail["trials"]] == ["Complete", "Complete"]
+    finally:
+        board.send_signal(signal.SIGTERM)
+        assert board.wait(30) == 0, (tmp_path / "dashboard.log").read_text()
+
+
+class Relay:
+    """A TCP forward from a local port to the server, standing in for ssh's: it counts
+    the connections that came through it."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.count = target, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            self.count += 1
+            far = socket.create_connection(self.target)
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_through_a_tunnel_the_dashboard_reads_the_journal_at_the_tunnel_s_end(journal_home):
+    optuna.create_study(storage=journal_home.storage, study_name="through-the-tunnel")
+    found = journal_home.served.endpoint()
+    relay = Relay((found.host, found.port))
+
+    class Tunnel:  # what dashboard.tunnel_journal asks of pgjob.tunnel.Tunnel
+        def local_endpoint(self, published):
+            return replace(published, host="127.0.0.1", port=relay.port)
+
+    storage = dashboard.tunnel_journal(Tunnel(), journal_home.home, wait=10)
+    try:
+        names = {s.study_name for s in storage.get_all_studies()}
+        assert "through-the-tunnel" in names and relay.count == 1
+    finally:
+        storage._backend.close()
+        relay.listener.close()
 
 
 def test_an_append_after_a_snapshot_gets_only_the_logs_after_it(journal_home, monkeypatch):
