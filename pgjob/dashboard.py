@@ -3,7 +3,8 @@
 optuna-dashboard is an optional extra (`pip install "pgjob[dashboard]"`). It has no login of
 its own, so it listens on 127.0.0.1 only: on a shared login node every user of that node
 could reach it, which is why docs/remote.md suggests running it on your own machine with
---via.
+--via. It takes a storage object, so a journal home's studies are shown through Optuna's
+JournalStorage on pgjob's backend, here and through the tunnel alike.
 """
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def tunnel_storage(url: str, pooled: bool = False):
     if pooled:
         kwargs["connect_args"] = {"prepare_threshold": None}
     return optuna.storages.RDBStorage(url, skip_table_creation=True, engine_kwargs=kwargs)
+
+
+def tunnel_journal(tunnel: Tunnel, home: Home, wait: float):
+    """A journal home's studies through a tunnel: the journal's backend connects to the
+    tunnel's local end (which stays the same when the server moves) with the endpoint's
+    database, role and passfile. The dashboard runs no trials, so Optuna's plain
+    JournalStorage, without pgjob's heartbeats."""
+    import optuna
+
+    from .journal import PgJournalBackend, connect_published
+
+    def through(found):
+        return tunnel.local_endpoint(found).connect(timeout=10, sslmode=TUNNEL_SSLMODE)
+    backend = PgJournalBackend(home, wait=wait, dial=lambda: connect_published(home, through))
+    return optuna.storages.JournalStorage(backend)
 
 
 def _run(storage, port: int, say: Callable[[str], None]) -> None:
@@ -89,8 +105,11 @@ def serve_through(tunnel: Tunnel, *, port: int, wait: float,
     follower = threading.Thread(target=tunnel.follow, args=(stop,), daemon=True)
     follower.start()
     try:
-        _run(tunnel_storage(local.sqlalchemy_url(TUNNEL_SSLMODE), bool(local.pooler)), port,
-             say)
+        if tunnel.home.settings().storage == "journal":
+            storage = tunnel_journal(tunnel, tunnel.home, wait)
+        else:
+            storage = tunnel_storage(local.sqlalchemy_url(TUNNEL_SSLMODE), bool(local.pooler))
+        _run(storage, port, say)
     finally:
         stop.set()
         follower.join(5)

@@ -11,6 +11,7 @@ import psycopg
 from . import endpoint, scheduler
 from .errors import first_line
 from .home import Home
+from .schema import kind_of_studies, kinds_in_use
 
 HEALTHY, DEGRADED, DOWN = 0, 1, 2
 LEVEL_NAMES = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down"}
@@ -23,6 +24,45 @@ from studies s left join trials t on t.study_id = s.study_id
 group by 1, 2 order by 1, 2
 """
 NO_OPTUNA_TABLES = "no Optuna tables yet (the first worker's Optuna will create them)"
+NO_JOURNAL = "no journal yet (the first worker makes its tables)"
+
+# A journal's trials by state, counted in SQL from its logs, without Optuna and without a
+# replay (status runs on a login node and must stay quick on a study of 100k trials).
+# Codes as Optuna writes them (optuna.storages.journal JournalOperation, TrialState);
+# tests/unit/test_health.py holds them to Optuna's own.
+CREATE_STUDY, DELETE_STUDY, CREATE_TRIAL, SET_TRIAL_STATE_VALUES = 0, 1, 4, 6
+TRIAL_STATES = {0: "RUNNING", 1: "COMPLETE", 2: "PRUNED", 3: "FAIL", 4: "WAITING"}
+FINISHED = (1, 2, 3)
+_STUDY_LOGS = f"""
+select id, (log->>'op_code')::int, log->>'study_name', (log->>'study_id')::int
+from pgjob_journal where (log->>'op_code')::int in ({CREATE_STUDY}, {DELETE_STUDY})
+order by id
+"""
+# Optuna's replay numbers a trial by the creations it applied (those whose study was
+# alive then); a trial's state is that of its creation when finished, else its first
+# finished state (a finished trial takes no more), else its last.
+_JOURNAL_COUNTS = f"""
+with span (study_id, born, died) as (
+    select * from unnest(%(ids)s::int[], %(born)s::bigint[], %(died)s::bigint[])),
+created as (
+    select s.study_id, coalesce((j.log->>'state')::int, 0) as state,
+           row_number() over (order by j.id) - 1 as trial_id
+    from pgjob_journal j join span s on s.study_id = (j.log->>'study_id')::int
+        and j.id > s.born and (s.died is null or j.id < s.died)
+    where (j.log->>'op_code')::int = {CREATE_TRIAL}),
+updated as (
+    select (log->>'trial_id')::int as trial_id,
+           (array_agg((log->>'state')::int order by id)
+                filter (where (log->>'state')::int in {FINISHED}))[1] as finished,
+           (array_agg((log->>'state')::int order by id desc))[1] as last
+    from pgjob_journal where (log->>'op_code')::int = {SET_TRIAL_STATE_VALUES}
+    group by 1)
+select c.study_id, case when c.state in {FINISHED} then c.state
+                        else coalesce(u.finished, u.last, c.state) end, count(*)
+from created c left join updated u using (trial_id)
+where c.study_id = any(%(live)s)
+group by 1, 2
+"""
 
 
 @dataclass
@@ -67,6 +107,34 @@ def _server_facts(status: Status, conn: psycopg.Connection) -> None:
         status.worse(DEGRADED, f"{used} of the {usable} connections workers may use are in "
                                "use; raise --workers with `pgjob init --workers N` and "
                                "restart the server")
+
+
+def _storage_kind(status: Status, conn: psycopg.Connection, home: Home) -> str:
+    """The kind of storage whose studies are shown: the one the database holds, else the
+    home's setting. A setting that disagrees with the database is a problem: workers with
+    it are refused (schema.check_kind)."""
+    setting = home.settings().storage
+    try:
+        in_use = kinds_in_use(lambda query: conn.execute(query).fetchone())
+    except psycopg.Error as exc:  # reported; the setting decides what is shown
+        status.worse(DEGRADED, f"cannot tell which kind of studies the database holds "
+                               f"({first_line(exc)}): look with `pgjob psql`")
+        in_use = []
+    kind = kind_of_studies(in_use, setting)
+    status.facts["storage"] = kind
+    if len(in_use) > 1:
+        status.worse(DEGRADED, "the study database holds both rdb and journal studies, so "
+                               "every worker is refused; move one kind out with `pgjob "
+                               "export` and `pgjob import`")
+    elif kind != setting:
+        status.worse(DEGRADED, f"the home is set to storage = {setting!r} (pgjob.toml, or "
+                               f"PGJOB_STORAGE here), but its database holds {kind} "
+                               "studies: a worker with that setting is refused. Use "
+                               f"storage = {kind!r} for every worker and command")
+    return kind
+
+
+def _rdb_studies(status: Status, conn: psycopg.Connection) -> None:
     studies: dict[str, dict[str, int]] = {}
     if conn.execute("select to_regclass('public.studies') is not null").fetchone()[0]:
         for name, state, count in conn.execute(_STUDY_COUNTS):
@@ -74,6 +142,54 @@ def _server_facts(status: Status, conn: psycopg.Connection) -> None:
             if state:
                 counts[state] = count
     status.facts["studies"] = studies
+
+
+def study_spans(logs) -> dict[int, tuple[str, int, int | None]]:
+    """{study id: (name, log that created it, log that deleted it or None)} from a
+    journal's study logs (id, op code, study name, study id), numbered as Optuna's replay
+    numbers them: a creation whose name a live study has is no study (every worker's
+    `create_study(load_if_exists=True)` writes one)."""
+    spans: dict[int, tuple[str, int, int | None]] = {}
+    live: dict[str, int] = {}
+    for log_id, op, name, study_id in logs:
+        if op == CREATE_STUDY and name not in live:
+            live[name] = len(spans)
+            spans[len(spans)] = (name, log_id, None)
+        elif op == DELETE_STUDY and study_id in spans and spans[study_id][2] is None:
+            name, born, _ = spans[study_id]
+            spans[study_id] = (name, born, log_id)
+            del live[name]
+    return spans
+
+
+def _journal(status: Status, conn: psycopg.Connection) -> None:
+    """A journal home's logs, snapshots and studies' trials by state, in SQL: two scans of
+    the logs, whatever their number, and no Optuna. A failure is reported, and the rest of
+    the status still stands."""
+    try:
+        if not conn.execute("select to_regclass('public.pgjob_journal_head') is not null "
+                            "and to_regclass('public.pgjob_journal_snapshots') is not null"
+                            ).fetchone()[0]:
+            status.facts.update(journal=None, studies={})
+            return
+        logs = conn.execute("select next from pgjob_journal_head").fetchone()[0]
+        snapshots = dict(conn.execute("select optuna, upto from pgjob_journal_snapshots "
+                                      "order by upto"))
+        spans = study_spans(conn.execute(_STUDY_LOGS))
+        live = {i: name for i, (name, _, died) in spans.items() if died is None}
+        studies: dict[str, dict[str, int]] = {name: {} for name in live.values()}
+        for study_id, state, count in conn.execute(_JOURNAL_COUNTS, {
+                "ids": list(spans), "born": [s[1] for s in spans.values()],
+                "died": [s[2] for s in spans.values()], "live": list(live)}):
+            studies[live[study_id]][TRIAL_STATES.get(state, str(state))] = count
+    except psycopg.Error as exc:
+        reason = first_line(exc)
+        status.facts["journal"] = {"error": reason}
+        status.worse(DEGRADED, f"cannot read the journal ({reason}); workers may fail the "
+                               "same way: look with `pgjob psql`")
+        return
+    status.facts.update(journal={"logs": logs, "snapshots": snapshots},
+                        studies=dict(sorted(studies.items())))
 
 
 def _optuna_schema(status: Status, conn: psycopg.Connection) -> None:
@@ -148,7 +264,11 @@ def check(home: Home) -> Status:
     try:
         with published.connect(timeout=5) as conn:
             _server_facts(status, conn)
-            _optuna_schema(status, conn)
+            if _storage_kind(status, conn, home) == "journal":
+                _journal(status, conn)
+            else:
+                _rdb_studies(status, conn)
+                _optuna_schema(status, conn)
         status.facts["reachable"] = True
     except psycopg.Error as exc:
         status.facts["reachable"] = False
@@ -173,6 +293,9 @@ def render(status: Status) -> str:
                   f"uptime:      {_duration(f['uptime_seconds'])}",
                   f"connections: {f['connections']} of {f['max_connections']}",
                   f"database:    {f['database']} ({f['database_bytes'] / 2**20:.1f} MiB)"]
+    if "storage" in f:
+        lines.append(f"storage:     {f['storage']}"
+                     + (f", {_describe_journal(f['journal'])}" if "journal" in f else ""))
     if "optuna_schema" in f:
         lines.append(f"optuna:      {_describe_schema(f['optuna_schema'])}")
     if "disk_free_bytes" in f:
@@ -194,6 +317,16 @@ def _describe_schema(schema: dict | None) -> str:
     return (f"alembic revision {schema['alembic_revision'] or unknown}, schema_version "
             f"{schema['schema_version'] or unknown}, set up by Optuna "
             f"{schema['library_version'] or unknown}")
+
+
+def _describe_journal(journal: dict | None) -> str:
+    if journal is None:
+        return NO_JOURNAL
+    if "error" in journal:
+        return f"journal unreadable ({journal['error']})"
+    snapshots = "; ".join(f"snapshot at log {upto} (Optuna {version})"
+                          for version, upto in journal["snapshots"].items())
+    return f"{journal['logs']} logs" + (f"; {snapshots}" if snapshots else "; no snapshot")
 
 
 def _duration(seconds: float) -> str:

@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
 import psycopg
@@ -133,6 +133,22 @@ def _is_connection_loss(exc: BaseException) -> bool:
         isinstance(exc, psycopg.errors.QueryCanceled)
 
 
+def connect_published(home: Home, through: Callable[[endpoint.Endpoint],
+                      psycopg.Connection] | None = None) -> psycopg.Connection | None:
+    """One try at a connection to the server published for `home` (`through(found)`
+    connects by another way, a tunnel's local end); None while none answers."""
+    found = endpoint.read(home)
+    if found is None:
+        return None
+    try:
+        conn = through(found) if through else found.connect(timeout=10)
+    except psycopg.OperationalError:
+        return None
+    if found.pooler:  # pgbouncer's transaction pooling keeps no prepared statement
+        conn.prepare_threshold = None
+    return conn
+
+
 class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
     """Optuna's BaseJournalBackend and BaseJournalSnapshot on a pgjob server.
 
@@ -141,10 +157,18 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
     of one version is no state of another).
     """
 
-    def __init__(self, home: Home, *, wait: float = 600.0, pause: float = 5.0) -> None:
+    def __init__(self, home: Home, *, wait: float = 600.0, pause: float = 5.0,
+                 dial: Callable[[], psycopg.Connection | None] | None = None,
+                 prepare: bool = True) -> None:
         self.home = home
         self.wait = wait
         self.pause = pause
+        # One try at a connection, None while no server answers: by default the server
+        # published for the home (a tunnel's dashboard and the server's own sweep bring
+        # theirs). With `prepare`, each new connection checks the database's kind and
+        # makes the journal's tables, as a worker must; the server's sweep makes none.
+        self._dial = dial
+        self.prepare = prepare
         self.optuna_version = optuna.__version__
         self._lock = threading.RLock()
         self._conn: psycopg.Connection | None = None
@@ -163,6 +187,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         state = self.__dict__.copy()
         for name in ("_lock", "_conn", "_listener", "_fetched"):
             state.pop(name)
+        state["_dial"] = None  # an unpickled copy finds the server from the home
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -170,6 +195,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._lock = threading.RLock()
         self._conn = self._listener = self._fetched = None
         self._pid = os.getpid()
+        self._position = 0  # an unpickled JournalStorage replays from the start
 
     def forked(self) -> None:
         """In a child after fork: the parent's connections are not ours. psycopg never
@@ -180,25 +206,16 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._pid = os.getpid()
 
     def _connect(self) -> psycopg.Connection:
-        def attempt():
-            found = endpoint.read(self.home)
-            if found is None:
-                return None
-            try:
-                conn = found.connect(timeout=10)
-            except psycopg.OperationalError:
-                return None
-            if found.pooler:  # pgbouncer's transaction pooling keeps no prepared statement
-                conn.prepare_threshold = None
-            return conn
+        attempt = self._dial or (lambda: connect_published(self.home))
         conn = until(attempt, self.wait, interval=0.2, max_interval=self.pause)
         if conn is None:
             raise NotPublished(f"no server answered for {self.home.path} within "
                                f"{self.wait:.0f} s; check `pgjob status`")
-        from .schema import check_kind
+        if self.prepare:
+            from .schema import check_kind
 
-        check_kind(lambda query: conn.execute(query).fetchone(), self.home)
-        ensure_tables(conn)
+            check_kind(lambda query: conn.execute(query).fetchone(), self.home)
+            ensure_tables(conn)
         return conn
 
     def close(self) -> None:
@@ -252,6 +269,9 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._fetched = (known, rows)
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        # Optuna says how far it has read: after a snapshot it may be far past what this
+        # backend handed out, and the next append asks for the logs after this position.
+        self._position = log_number_from
         fetched, self._fetched = self._fetched, None
         if fetched is not None and fetched[0] == log_number_from:
             rows = fetched[1]  # what the append just returned: no second round trip
@@ -318,11 +338,13 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
             return None
         self._snapshot_upto = upto
         try:
-            return zlib.decompress(body)
+            snapshot = zlib.decompress(body)
         except zlib.error:
             log.warning("the journal's snapshot in the database is damaged; reading the "
                         "whole journal instead")
             return None
+        self._position = upto  # where the replay restored from it has read to
+        return snapshot
 
     def _signed(self, upto: int, body: bytes) -> tuple:
         return ("pgjob journal snapshot", self.optuna_version, upto, body)

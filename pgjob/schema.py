@@ -121,6 +121,13 @@ def kinds_in_use(fetch) -> list[str]:
             fetch(f"select exists (select 1 from {STUDY_TABLES[k]})")[0]]
 
 
+def kind_of_studies(in_use: list[str], setting: str) -> str:
+    """The kind whose studies the server's sweep and `pgjob status` look at: the one the
+    database holds (workers may run with another PGJOB_STORAGE than serve or the person
+    asking), else the home's setting (no studies yet, or, wrongly, both kinds)."""
+    return in_use[0] if len(in_use) == 1 else setting
+
+
 def check_kind(fetch, home) -> None:
     """Refuse to open one kind of storage on a database whose studies are of the other:
     a worker with another PGJOB_STORAGE than the rest, or a home whose setting changed

@@ -291,15 +291,19 @@ class Serve:
         for sig in STOP_SIGNALS:
             signal.signal(sig, handler)
 
+    def _study_database(self):
+        """A connection to the study database over the private socket. The study database
+        is the application role's: its tables, triggers and defaults are code that role
+        wrote, so only the role itself works there, never the superuser."""
+        return connect(host=str(self.server.socket_dir), port=self.server.port,
+                       user=self.settings.user, dbname=self.settings.database,
+                       passfile=self.home.app_passfile)
+
     def _publish(self) -> None:
         with self.server.connect() as conn:
             ident = conn.execute(
                 "select system_identifier::text from pg_control_system()").fetchone()[0]
-        # The study database is the application role's: its tables, triggers and defaults
-        # are code that role wrote, so only the role itself works there, never the superuser.
-        with connect(host=str(self.server.socket_dir), port=self.server.port,
-                     user=self.settings.user, dbname=self.settings.database,
-                     passfile=self.home.app_passfile) as conn:
+        with self._study_database() as conn:
             refreshed = refresh_heartbeats(conn)
         if refreshed:
             log.info("gave %d running trials a fresh heartbeat after the restart", refreshed)
@@ -354,8 +358,10 @@ class Serve:
         return bool(self.stop_reason)
 
     def _keep_alive(self, socket_dir: Path) -> int:
-        sweeper = StaleTrialSweeper(socket_url(socket_dir, self.server.port, self.settings,
-                                               self.home.app_passfile), self.settings)
+        sweeper = StaleTrialSweeper(self.home, self.settings,
+                                    socket_url(socket_dir, self.server.port, self.settings,
+                                               self.home.app_passfile),
+                                    self._study_database)
         chores = [Every(self.settings.grace_period / 2, sweeper.sweep),
                   Every(self.settings.backup_interval, self._backup_in_background)]
         chores[1].due = time.time() + self.settings.backup_interval  # not right at start

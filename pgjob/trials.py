@@ -7,6 +7,11 @@ string, Optuna's CLI, an integration with its own RDBStorage) has none and is le
 client's own settings: the server never fails it. For a declared trial the worker's batch
 job, when it recorded one, is the better witness than a late heartbeat: a job still running
 keeps its trial, a job that has ended loses it at once.
+
+Which trials are RUNNING, and in which study, is the storage's to say: Optuna's tables on
+an rdb home (RdbTrials), the journal's logs on a journal home (JournalTrials, which keeps
+the journal replayed in the serve process). The judgement (`is_dead`) and the retry are
+the same for both.
 """
 from __future__ import annotations
 
@@ -14,18 +19,20 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
 
 import psycopg
 
 from . import scheduler
-from .home import Settings
+from .home import Home, Settings
 from .retries import KEEP
+from .schema import kind_of_studies, kinds_in_use
 
 log = logging.getLogger("pgjob.trials")
 
 
-# pgjob's heartbeats, and Optuna's (of clients that asked for them)
-HEARTBEAT_COLUMNS = (("pgjob_heartbeats", "beat"), ("trial_heartbeats", "heartbeat"))
+_REFRESH = ("update {table} h set {column} = now() from trials t "
+            "where t.trial_id = h.trial_id and t.state = 'RUNNING'")
 
 
 def refresh_heartbeats(conn: psycopg.Connection) -> int:
@@ -33,21 +40,23 @@ def refresh_heartbeats(conn: psycopg.Connection) -> int:
     Optuna's alike.
 
     Workers could not send heartbeats while there was no server; without this, the first
-    worker back (or the server's sweep) would fail every other worker's live trial.
+    worker back (or the server's sweep) would fail every other worker's live trial. A
+    journal home's trial states are in its logs, which serve does not read at start: there
+    every row is refreshed, and the next sweep tidies those of trials no longer running.
     """
-    present = conn.execute(
+    trials, pgjob_beats, optuna_beats, journal = conn.execute(
         "select to_regclass('public.trials') is not null, "
         "to_regclass('public.pgjob_heartbeats') is not null, "
-        "to_regclass('public.trial_heartbeats') is not null").fetchone()
-    refreshed = 0
-    if not present[0]:
-        return refreshed  # no worker yet: no trial to refresh
-    for (table, column), there in zip(HEARTBEAT_COLUMNS, present[1:]):
-        if there:
-            refreshed += conn.execute(
-                f"update {table} h set {column} = now() from trials t "
-                "where t.trial_id = h.trial_id and t.state = 'RUNNING'").rowcount
-    return refreshed
+        "to_regclass('public.trial_heartbeats') is not null, "
+        "to_regclass('public.pgjob_journal') is not null").fetchone()
+    statements = []  # none before the first worker: no trial to refresh
+    if pgjob_beats and journal:
+        statements.append("update pgjob_heartbeats set beat = now()")
+    elif pgjob_beats and trials:
+        statements.append(_REFRESH.format(table="pgjob_heartbeats", column="beat"))
+    if optuna_beats and trials:  # Optuna's own, of clients that asked for them
+        statements.append(_REFRESH.format(table="trial_heartbeats", column="heartbeat"))
+    return sum(conn.execute(statement).rowcount for statement in statements)
 
 
 # Job states in which the worker's process may still run its trial (Slurm's names; pbs.py
@@ -108,6 +117,39 @@ def retry_callback(max_retry: int):
         return cls(max_retry=max_retry)
 
 
+def split_beats(beats: Iterable[tuple[int, str, int, float]],
+                running: Mapping[int, int]) -> tuple[list[Declared], list[int]]:
+    """A journal home's heartbeat rows (trial id, job, grace, seconds silent) against what
+    its journal says: the declared trials that are RUNNING, each with its study (`running`
+    maps trial id to study id), and the ids of the rows to tidy (trials that finished, were
+    failed, or went with their deleted study)."""
+    declared, gone = [], []
+    for trial_id, job, grace, silent in beats:
+        if trial_id in running:
+            declared.append(Declared(trial_id, running[trial_id], job, grace, silent))
+        else:
+            gone.append(trial_id)
+    return declared, gone
+
+
+def fail_and_retry(storage, trial: Declared, why: str) -> bool:
+    """Fail a dead worker's trial through an Optuna storage of either kind and queue its
+    retry; False when it finished (or was failed) meanwhile."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        if not storage.set_trial_state_values(trial.trial_id, TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # it finished meanwhile
+    log.info("failed trial %d: %s; queueing a retry", trial.trial_id, why)
+    study = optuna.load_study(study_name=storage.get_study_name_from_id(trial.study_id),
+                              storage=storage)
+    retry_callback(3)(study, storage.get_trial(trial.trial_id))
+    return True
+
+
 _DECLARED = """
 select h.trial_id, t.study_id, h.job, h.grace, extract(epoch from now() - h.beat)::float8
 from pgjob_heartbeats h join trials t on t.trial_id = h.trial_id
@@ -119,20 +161,30 @@ _TIDY = (
     "where t.trial_id = h.trial_id and t.state = 'RUNNING')",
     f"delete from pgjob_requests where made < now() - interval '{KEEP}'",
 )
+_BEATS = "select trial_id, job, grace, extract(epoch from now() - beat)::float8 " \
+         "from pgjob_heartbeats"
 
 
-class StaleTrialSweeper:
-    """Fails the declared trials whose worker is gone, and queues a retry of each.
+class RdbTrials:
+    """An rdb home's trials: Optuna's tables, read with SQL; Optuna's RDBStorage, made only
+    once a trial must be failed, fails and re-queues."""
 
-    One sweep every half grace period, from the serve process, instead of a query before
-    every trial in every worker.
-    """
+    tables = ("pgjob_heartbeats", "pgjob_requests", "trials")
 
-    def __init__(self, url: str, settings: Settings) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.settings = settings
-        self._engine = None
         self._storage = None
+
+    def declared(self, conn: psycopg.Connection) -> list[Declared]:
+        with conn.transaction():
+            for statement in _TIDY:
+                conn.execute(statement)
+            return [Declared(*row) for row in conn.execute(_DECLARED)]
+
+    def fail(self, trial: Declared, why: str) -> bool:
+        if self._storage is None:
+            self._storage = self._open_storage()
+        return fail_and_retry(self._storage, trial, why)
 
     def _open_storage(self):
         """Optuna's storage, for failing and re-queueing: only once a pgjob worker has
@@ -148,51 +200,127 @@ class StaleTrialSweeper:
                                           skip_compatibility_check=True,
                                           engine_kwargs={"poolclass": NullPool})
 
-    def declared(self) -> list[Declared]:
-        import sqlalchemy
-        from sqlalchemy.pool import NullPool
-
-        if self._engine is None:
-            self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
-        with self._engine.begin() as conn:
-            if not conn.execute(sqlalchemy.text(
-                    "select to_regclass('public.pgjob_heartbeats') is not null")).scalar():
-                return []  # no pgjob worker yet: nothing to judge
-            for statement in _TIDY:
-                conn.execute(sqlalchemy.text(statement))
-            return [Declared(*row) for row in conn.execute(sqlalchemy.text(_DECLARED))]
-
-    def sweep(self) -> list[int]:
-        """Fail the trials of dead workers; their ids."""
-        trials = self.declared()
-        states = {job: job_state(job) for job in {t.job for t in trials if t.job}}
-        dead = [t for t in trials if is_dead(t, states.get(t.job))]
-        return [t.trial_id for t in dead if self._fail(t, states.get(t.job))]
-
-    def _fail(self, trial: Declared, state: str | None) -> bool:
-        import optuna
-        from optuna.trial import TrialState
-
-        if self._storage is None:
-            self._storage = self._open_storage()
-        storage = self._storage
-        try:
-            if not storage.set_trial_state_values(trial.trial_id, TrialState.FAIL):
-                return False
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False  # it finished meanwhile
-        why = f"its job {trial.job} is {state}" if state else \
-            f"no heartbeat for {trial.silent:.0f} s (grace period {trial.grace} s)"
-        log.info("failed trial %d: %s; queueing a retry", trial.trial_id, why)
-        study = optuna.load_study(study_name=storage.get_study_name_from_id(trial.study_id),
-                                  storage=storage)
-        retry_callback(3)(study, storage.get_trial(trial.trial_id))
-        return True
+    def rest(self) -> None:
+        pass  # NullPool: nothing is held between sweeps
 
     def close(self) -> None:
         if self._storage is not None:
             self._storage.engine.dispose()
             self._storage = None
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
+
+
+class JournalTrials:
+    """A journal home's trials: the journal replayed in the serve process by Optuna's own
+    JournalStorage, kept from sweep to sweep, so each sweep reads only the logs appended
+    since the last (the first starts from the signed snapshot, when there is one for the
+    server's Optuna). Failing a trial and queueing its retry append their logs."""
+
+    tables = ("pgjob_heartbeats", "pgjob_journal", "pgjob_journal_head")
+
+    def __init__(self, home: Home, dial: Callable[[], psycopg.Connection]) -> None:
+        self.home = home
+        self.dial = dial
+        self._storage = None
+
+    def storage(self):
+        if self._storage is None:
+            import optuna
+
+            from .journal import PgJournalBackend
+
+            # wait=0: a lost server fails this sweep at once (serve's loop, not the sweep,
+            # brings it back); no tables are made, nor the database's kind judged here.
+            backend = PgJournalBackend(self.home, wait=0, dial=self.dial, prepare=False)
+            self._storage = optuna.storages.JournalStorage(backend)
+        return self._storage
+
+    def declared(self, conn: psycopg.Connection) -> list[Declared]:
+        # The rows first, the journal after: a worker writes a trial's row only once its
+        # log is in, so every row read here is of a trial the replay then knows.
+        beats = conn.execute(_BEATS).fetchall()
+        declared, gone = split_beats(beats, self._running([row[0] for row in beats]))
+        if gone:
+            conn.execute("delete from pgjob_heartbeats where trial_id = any(%s)", (gone,))
+        return declared
+
+    def _running(self, ids: list[int]) -> dict[int, int]:
+        """{trial id: study id} of those of `ids` that are RUNNING in a live study, after
+        reading the new logs. Looked up in the replay itself, as optuna_journal.py does:
+        Optuna's public calls would each read the journal again, per trial or study."""
+        from optuna.trial import TrialState
+
+        storage = self.storage()
+        with storage._thread_lock:
+            storage._sync_with_backend()
+            replay = storage._replay_result
+            found = {}
+            for trial_id in ids:
+                trial = replay._trials.get(trial_id)
+                study_id = replay._trial_id_to_study_id.get(trial_id)
+                if trial is not None and trial.state == TrialState.RUNNING and \
+                        study_id in replay._studies:
+                    found[trial_id] = study_id
+            return found
+
+    def fail(self, trial: Declared, why: str) -> bool:
+        return fail_and_retry(self.storage(), trial, why)
+
+    def rest(self) -> None:
+        """Between sweeps no connection is held (the replay is kept)."""
+        if self._storage is not None:
+            self._storage._backend.close()
+
+    def close(self) -> None:
+        self.rest()
+        self._storage = None
+
+
+class StaleTrialSweeper:
+    """Fails the declared trials whose worker is gone, and queues a retry of each.
+
+    One sweep every half grace period, from the serve process, instead of a query before
+    every trial in every worker. Each sweep looks at which kind of studies the database
+    holds (whatever serve's own setting: a worker may have been given another
+    PGJOB_STORAGE) and judges that kind's trials; nothing is built, and Optuna is not
+    imported, before that kind's tables exist.
+    """
+
+    def __init__(self, home: Home, settings: Settings, url: str,
+                 connect: Callable[[], psycopg.Connection]) -> None:
+        self.settings = settings
+        self.connect = connect  # a new connection to the study database, as the app role
+        self.kinds = {"rdb": RdbTrials(url), "journal": JournalTrials(home, connect)}
+
+    def _trials(self, conn: psycopg.Connection):
+        """The kind of trials to judge, or None while its tables do not exist."""
+        def fetch(query):
+            return conn.execute(query).fetchone()
+        trials = self.kinds[kind_of_studies(kinds_in_use(fetch), self.settings.storage)]
+        present = fetch("select " + ", ".join(f"to_regclass('public.{table}') is not null"
+                                              for table in trials.tables))
+        return trials if all(present) else None
+
+    def sweep(self) -> list[int]:
+        """Fail the trials of dead workers; their ids."""
+        trials = None
+        try:
+            with self.connect() as conn:
+                trials = self._trials(conn)
+                if trials is None:
+                    return []  # no pgjob worker yet: nothing to judge
+                declared = trials.declared(conn)
+            states = {job: job_state(job) for job in {t.job for t in declared if t.job}}
+            return [t.trial_id for t in declared if is_dead(t, states.get(t.job))
+                    and trials.fail(t, _why(t, states.get(t.job)))]
+        finally:
+            if trials is not None:
+                trials.rest()
+
+    def close(self) -> None:
+        for trials in self.kinds.values():
+            trials.close()
+
+
+def _why(trial: Declared, state: str | None) -> str:
+    return f"its job {trial.job} is {state}" if state else \
+        f"no heartbeat for {trial.silent:.0f} s (grace period {trial.grace} s)"

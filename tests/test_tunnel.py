@@ -130,7 +130,7 @@ class NodeServer:
                                           "--health-interval", "0.5")),
                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PGJOB_PORT": str(port)})
         ready = subprocess.run(in_netns(NODE, *pgjob_cmd("url", "--home", str(self.home),
-                                                         "--wait", "60")),
+                                                         "--format", "json", "--wait", "60")),
                                capture_output=True, text=True, timeout=90)
         assert ready.returncode == 0, ready.stderr + self.log.read_text()
         return endpoint.read(open_home(self.home))
@@ -291,20 +291,47 @@ def test_a_taken_local_port_reads_clearly(node_server, sshd, known_hosts):
     assert "the local port is taken" in child.before and "Traceback" not in child.before
 
 
-def test_the_dashboard_reaches_the_server_through_a_tunnel(node_server, sshd, known_hosts):
-    make_study_on_the_node(node_server, "on-the-board")
+def dashboard_studies(home: Path, known_hosts: Path, password: str) -> list[str]:
+    """The study names `pgjob dashboard --via` shows for `home`, prompts answered."""
     port = free_port()
-    cmd = [*pgjob_cmd("dashboard", "--port", str(port)), *tunnel_cmd(node_server.home,
-                                                                      known_hosts)[4:]]
+    cmd = [*pgjob_cmd("dashboard", "--port", str(port)), *tunnel_cmd(home, known_hosts)[4:]]
     child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=60)
     try:
         while child.expect([r"\(yes/no[^)]*\)\? ", r"password: ", r"dashboard: http"]) != 2:
-            child.sendline("yes" if "yes/no" in child.after else sshd["password"])
+            child.sendline("yes" if "yes/no" in child.after else password)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as got:
-            names = [s["study_name"] for s in json.load(got)["study_summaries"]]
-        assert "on-the-board" in names
+            return [s["study_name"] for s in json.load(got)["study_summaries"]]
     finally:
         close_tunnel(child)
+
+
+def test_the_dashboard_reaches_the_server_through_a_tunnel(node_server, sshd, known_hosts):
+    make_study_on_the_node(node_server, "on-the-board")
+    assert "on-the-board" in dashboard_studies(node_server.home, known_hosts, sshd["password"])
+
+
+@pytest.fixture
+def journal_node_server(network):
+    """A journal home (storage = "journal") served on the node, beside node_server."""
+    work = Path(tempfile.mkdtemp(prefix="pgjt-journal-", dir="/var/tmp"))
+    os.chmod(work, 0o1777)
+    home = work / "home"
+    run_pgjob("init", "--home", str(home), "--allow", "10.77.214.0/24", "--storage",
+              "journal", check=True)
+    served = NodeServer(home, work / "serve.log")
+    try:
+        served.start(5433)
+        yield served
+    finally:
+        served.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_dashboard_shows_a_journal_home_s_studies_through_a_tunnel(journal_node_server,
+                                                                       sshd, known_hosts):
+    make_study_on_the_node(journal_node_server, "in-the-journal")
+    assert dashboard_studies(journal_node_server.home, known_hosts, sshd["password"]) == \
+        ["in-the-journal"]
 
 
 def make_study_on_the_node(node_server, name: str) -> None:

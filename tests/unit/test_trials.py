@@ -1,9 +1,12 @@
-"""trials.is_dead: which declared trials the server fails, from the heartbeat and the job."""
+"""trials: which declared trials the server fails (is_dead, from the heartbeat and the
+job), which of a journal home's heartbeat rows are of running trials (split_beats), and
+which kind of trials a sweep judges."""
 import pytest
 
 from pgjob import trials
 from pgjob.scheduler import QueueState
-from pgjob.trials import Declared, is_dead
+from pgjob.schema import kind_of_studies
+from pgjob.trials import Declared, is_dead, split_beats
 
 
 def declared(silent: float, job: str = "slurm:7", grace: int = 120) -> Declared:
@@ -49,3 +52,27 @@ def test_a_job_id_that_looks_like_an_option_is_never_handed_to_the_scheduler(mon
     assert trials.job_state("slurm:12 34") is None
     assert trials.job_state("pbs:1234.pbs1") == "RUNNING"
     assert asked == ["1234.pbs1"]
+
+
+def test_a_journal_home_s_beats_are_judged_only_for_trials_its_journal_says_run():
+    beats = [(3, "slurm:7", 120, 5.0), (4, "", 120, 400.0), (9, "", 60, 1.0)]
+    running = {3: 0, 4: 1}  # trial 9 finished (or its study was deleted)
+    declared, gone = split_beats(beats, running)
+    assert declared == [Declared(3, 0, "slurm:7", 120, 5.0), Declared(4, 1, "", 120, 400.0)]
+    assert gone == [9]
+    assert [t.trial_id for t in declared if is_dead(t, None)] == [4]
+
+
+def test_no_running_trial_leaves_every_row_to_tidy():
+    assert split_beats([(1, "", 120, 0.0)], {}) == ([], [1])
+    assert split_beats([], {1: 0}) == ([], [])
+
+
+@pytest.mark.parametrize("in_use, setting, judged", [
+    ([], "rdb", "rdb"), ([], "journal", "journal"),  # no studies yet: the setting
+    (["journal"], "rdb", "journal"),  # a worker's PGJOB_STORAGE that serve was not given
+    (["rdb"], "journal", "rdb"),
+    (["rdb", "journal"], "journal", "journal"),  # both (every worker is refused): setting
+])
+def test_the_sweep_judges_the_kind_of_studies_the_database_holds(in_use, setting, judged):
+    assert kind_of_studies(in_use, setting) == judged
