@@ -246,13 +246,20 @@ def say(message: str) -> None:
                    "a,b goes through a to b (ssh -J).")
 @click.option("--local-port", default=0, type=int, help="Local port (default: a free one).")
 @click.option("--format", "fmt", type=click.Choice(["sqlalchemy", "libpq"]),
-              default="sqlalchemy", show_default=True)
+              help="URL form (default sqlalchemy; libpq on a journal home, which has no "
+                   "Optuna URL).")
 @ssh_options
 def tunnel(home, via, local_port, fmt, ssh_options, wait) -> None:
     """Forward a local port to the serving node over ssh; print a local URL; follow moves."""
     from . import tunnel as tunnels
+    from .storage import check_url_works
 
-    opened = tunnels.Tunnel(open_home(home).require(), via, local_port=local_port,
+    target = open_home(home).require()
+    if fmt is None:
+        fmt = "libpq" if target.settings().storage == "journal" else "sqlalchemy"
+    if fmt == "sqlalchemy":
+        check_url_works(target)
+    opened = tunnels.Tunnel(target, via, local_port=local_port,
                             ssh_options=ssh_options, say=say)
     local = opened.open(wait)
     click.echo(local.sqlalchemy_url(tunnels.TUNNEL_SSLMODE) if fmt == "sqlalchemy"

@@ -77,6 +77,9 @@ def test_init_storage_journal_is_kept_and_url_says_what_to_use(journal_server, t
     assert done.returncode != 0 and not done.stdout
     assert "journal" in done.stderr and "pgjob.optuna_storage()" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+    tunnel = run_pgjob("tunnel", "--home", str(home), "--via", "nobody@nowhere.invalid",
+                       "--format", "sqlalchemy")
+    assert tunnel.returncode == done.returncode and tunnel.stderr == done.stderr  # no ssh
     libpq = run_pgjob("url", "--home", str(home), "--format", "libpq", check=True)
     assert libpq.stdout.startswith("postgresql://")
     # `pgjob init --storage journal` on an existing home keeps the choice in pgjob.toml
