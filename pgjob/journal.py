@@ -348,16 +348,11 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         """Whether the journal holds more than `after` logs, waiting up to `timeout`
         seconds for another worker's append: asleep on a NOTIFY, not polling. (Behind
         pgbouncer's transaction pooling no session can LISTEN: there it looks once a
-        second instead.)"""
+        second instead.) When the server restarts or moves meanwhile, it listens again
+        there, and looks again."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._listener is None or self._listener.closed:
-                self._listener, self._listening = self._connect(), False
-                if not self._pooled():
-                    self._listener.execute(f"listen {CHANNEL}")
-                    self._listening = True
-            listener, listening = self._listener, self._listening
         while True:
+            listener, listening = self._listen()
             # listening first, then looking: an append in between is not missed
             head = self.run("a look at the journal's length", lambda conn: conn.execute(
                 "select next from pgjob_journal_head").fetchone()[0])
@@ -369,9 +364,26 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
             if not listening:
                 time.sleep(min(left, 1.0))
                 continue
-            for notice in listener.notifies(timeout=left, stop_after=1):
-                if notice.payload.isdigit() and int(notice.payload) > after:
-                    return True
+            try:
+                for notice in listener.notifies(timeout=left, stop_after=1):
+                    if notice.payload.isdigit() and int(notice.payload) > after:
+                        return True
+            except Exception as exc:
+                if not _is_connection_loss(exc):
+                    raise
+                with self._lock:  # a new session listens on the next turn
+                    if self._listener is listener:
+                        self._listener = None
+                listener.close()
+
+    def _listen(self) -> tuple[psycopg.Connection, bool]:
+        with self._lock:
+            if self._listener is None or self._listener.closed:
+                self._listener, self._listening = self._connect(), False
+                if not self._pooled():
+                    self._listener.execute(f"listen {CHANNEL}")
+                    self._listening = True
+            return self._listener, self._listening
 
     def _pooled(self) -> bool:
         found = endpoint.read(self.home)

@@ -9,7 +9,8 @@ relies on a backend for, on a real server shared by the module.
   whose request was lost is written once too;
 - a snapshot not signed with the home's key, or of another Optuna version, is never
   loaded (it is a pickle: loading runs code);
-- wait_for_logs wakes on another process's append, and gives up after its timeout.
+- wait_for_logs wakes on another process's append, gives up after its timeout, and
+  listens again when its session is lost.
 
 Optuna's own backend tests (its journal_tests) run on this backend in
 test_optuna_conformance.py; docs/optuna-conformance.md says which.
@@ -343,3 +344,27 @@ def test_wait_for_logs_wakes_on_another_process_s_append_and_else_times_out(home
         other.wait()
     assert woke - appended < 1.0  # on the NOTIFY, not at the timeout nor a poll's next turn
 
+
+def test_wait_for_logs_listens_again_when_its_session_is_lost(home):
+    waiter, writer = backend(home), backend(home)
+    writer.append_logs([{"op_code": 0}])
+
+    def lose_the_listener_then_append():
+        time.sleep(0.5)  # the waiter asleep on its LISTEN
+        # as a server restart or a move does to it (a role may end its own sessions)
+        ended = sql(home, "select pg_terminate_backend(pid) from pg_stat_activity "
+                          "where query like 'listen%' and pid <> pg_backend_pid()")
+        time.sleep(0.5)
+        writer.append_logs([{"op_code": 0}])
+        return ended
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(lose_the_listener_then_append()))
+    thread.start()
+    started = time.monotonic()
+    try:
+        assert waiter.wait_for_logs(1, timeout=30) is True
+    finally:
+        thread.join(30)
+    assert done == [[(True,)]]  # the waiter's session was ended, and it still woke
+    assert time.monotonic() - started < 10
