@@ -4,7 +4,8 @@ relies on a backend for, on a real server shared by the module.
 - every log comes back as Optuna's file backend gives it back (infinities, NaN, large
   floats, the order of a dict's keys);
 - 8 processes appending and reading at once all see one dense, identical sequence, each
-  process's own logs in its order, and every read a prefix of it;
+  process's own logs in its order, and every read a prefix of it; 10 processes taking
+  enqueued trials never take the same one;
 - an append whose reply was lost is repeated on a new connection and written once, one
   whose request was lost is written once too;
 - a snapshot not signed with the home's key, or of another Optuna version, is never
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import logging
 import math
 import pickle
@@ -28,6 +30,7 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -165,6 +168,24 @@ def test_eight_processes_appending_and_reading_see_one_dense_sequence(home, tmp_
         assert len(r["seen"]) >= n
     assert sql(home, "select count(*), min(id), max(id), (select next from pgjob_journal_head)"
                      " from pgjob_journal") == [(workers * n, 0, workers * n - 1, workers * n)]
+
+
+def pop_a_waiting_trial(home: str, study_name: str) -> int | None:
+    study = optuna.load_study(study_name=study_name, storage=pgjob.optuna_storage(home))
+    return study._pop_waiting_trial_id()
+
+
+def test_each_enqueued_trial_is_taken_by_one_of_ten_processes(home):
+    """Optuna's test_pop_waiting_trial_multiprocess_safe, which opens a file journal
+    itself: a waiting trial goes RUNNING by an append, and the first one in the journal's
+    order wins, so two workers never take the same trial."""
+    study = optuna.create_study(study_name="queue", storage=pgjob.optuna_storage(home))
+    for i in range(10):
+        study.enqueue_trial({"i": i})
+    with ProcessPoolExecutor(10, mp_context=multiprocessing.get_context("fork")) as pool:
+        taken = list(pool.map(pop_a_waiting_trial, [str(home)] * 10, ["queue"] * 10))
+    assert len(taken) == 10
+    assert set(taken) == {t._trial_id for t in study.get_trials()}  # each once, none missed
 
 
 # -- a lost reply, a lost request -----------------------------------------------------------
