@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import logging
 import math
+import multiprocessing
+import os
 import pickle
 import socket
 import subprocess
@@ -55,8 +56,14 @@ def home(journal_server) -> Path:
     return journal_server.home_path
 
 
-def backend(home: Path) -> journal.PgJournalBackend:
-    return journal.PgJournalBackend(open_home(home), wait=30)
+@pytest.fixture
+def backend():
+    """New PgJournalBackends on a home, each with connections of its own, closed after
+    the test."""
+    made: list[journal.PgJournalBackend] = []
+    yield lambda home: made.append(journal.PgJournalBackend(open_home(home), wait=30)) or made[-1]
+    for each in made:
+        each.close()
 
 
 def sql(where: Path | endpoint.Endpoint, query: str, params=None) -> list[tuple]:
@@ -86,7 +93,7 @@ AWKWARD = [
 ]
 
 
-def test_every_log_comes_back_as_optuna_s_file_backend_gives_it_back(home):
+def test_every_log_comes_back_as_optuna_s_file_backend_gives_it_back(home, backend):
     writer, reader = backend(home), backend(home)
     writer.append_logs(AWKWARD[:2])
     writer.append_logs(AWKWARD[2:])
@@ -157,7 +164,7 @@ def test_eight_processes_appending_and_reading_see_one_dense_sequence(home, tmp_
     finally:
         for process in processes:
             process.kill()
-            process.wait()
+            process.communicate()  # and its pipes closed
     whole = results[0]["whole"]
     assert all(r["whole"] == whole for r in results)  # one sequence for everyone
     assert sorted(map(tuple, whole)) == [(w, s) for w in range(workers) for s in range(n)]
@@ -225,18 +232,20 @@ class LossyRelay:
                 sink.sendall(data)
         except OSError:
             pass
-        for sock in both:
+        for sock in both:  # the other direction ends too
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        source.close()
 
     def close(self) -> None:
         self.listener.close()
 
 
 @pytest.mark.parametrize("lost", ["reply", "request"])
-def test_an_append_repeated_after_a_lost_message_is_written_once(home, monkeypatch, caplog, lost):
+def test_an_append_repeated_after_a_lost_message_is_written_once(home, backend, monkeypatch,
+                                                                caplog, lost):
     found = endpoint.read(open_home(home))
     relay = LossyRelay(found, lambda: sql(found, "select count(*) from pgjob_journal")[0][0])
     monkeypatch.setattr(endpoint, "read", lambda _home: dataclasses.replace(found, port=relay.port))
@@ -260,13 +269,14 @@ def test_an_append_repeated_after_a_lost_message_is_written_once(home, monkeypat
 # -- snapshots: pickles, so loaded only when signed with the home's key, for this Optuna ---
 
 class Marker:
-    """A pickle that, when loaded, creates a file: what an attacker would store."""
+    """A pickle that, when loaded, makes a folder: what an attacker would store, with a
+    worse command."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def __reduce__(self):
-        return (open, (str(self.path), "w"))
+        return (os.mkdir, (str(self.path),))
 
 
 def plant_snapshot(home: Path, body: bytes, *, version: str = optuna.__version__,
@@ -343,7 +353,8 @@ print(time.time(), flush=True)
 """
 
 
-def test_wait_for_logs_wakes_on_another_process_s_append_and_else_times_out(home, tmp_path):
+def test_wait_for_logs_wakes_on_another_process_s_append_and_else_times_out(home, backend,
+                                                                           tmp_path):
     waiter = backend(home)
     waiter.append_logs([{"op_code": 0}])
     assert waiter.wait_for_logs(0, timeout=30) is True  # there is one already
@@ -362,11 +373,11 @@ def test_wait_for_logs_wakes_on_another_process_s_append_and_else_times_out(home
         assert other.wait(30) == 0
     finally:
         other.kill()
-        other.wait()
+        other.communicate()
     assert woke - appended < 1.0  # on the NOTIFY, not at the timeout nor a poll's next turn
 
 
-def test_wait_for_logs_listens_again_when_its_session_is_lost(home):
+def test_wait_for_logs_listens_again_when_its_session_is_lost(home, backend):
     waiter, writer = backend(home), backend(home)
     writer.append_logs([{"op_code": 0}])
 
