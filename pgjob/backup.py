@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
 from psycopg.conninfo import make_conninfo
 
 from . import proc
@@ -132,7 +133,10 @@ def restore(home: Home, bindir: Path, dump_file: Path, *, host: str, port: int) 
 
 
 def restore_new_home(dump_file: Path, home_option, **init_options) -> Home:
-    """A new home made by `pgjob init`, with the study database loaded from `dump_file`."""
+    """A new home made by `pgjob init`, with the study database loaded from `dump_file`,
+    of the kind of storage (rdb or journal) whose studies the dump holds."""
+    from dataclasses import replace
+
     from .home import resolve_path
     from .initialize import init, temporary_server
 
@@ -148,4 +152,38 @@ def restore_new_home(dump_file: Path, home_option, **init_options) -> Home:
     with temporary_server(home, settings, Path(settings.pg_bin)) as server:
         restore(home, Path(settings.pg_bin), dump_file, host=str(server.socket_dir),
                 port=server.port)
+        with psycopg.connect(conninfo(home, host=str(server.socket_dir),
+                                      port=server.port), autocommit=True) as conn:
+            kind = adopt_restored(conn, home)
+    if kind != settings.storage:
+        home.save_settings(replace(settings, storage=kind))
     return home
+
+
+def adopt_restored(conn: psycopg.Connection, home: Home) -> str:
+    """The storage kind of a restored study database, made ready for its new home.
+
+    The kind is the one whose tables hold studies (else, with none yet, the journal if only
+    its tables are there). A journal's snapshots are signed with the old home's key, which
+    the dump does not hold (it is in the old home's secrets): no worker of the new home
+    would load them, each would warn and read the whole journal. They are dropped, and
+    workers save new ones, signed with the new home's key."""
+    from .schema import STUDY_TABLES, kinds_in_use
+
+    def fetch(query):
+        return conn.execute(query).fetchone()
+
+    kinds = kinds_in_use(fetch)
+    if len(kinds) == 1:
+        kind = kinds[0]
+    else:
+        journal_only = fetch(f"select to_regclass('public.{STUDY_TABLES['journal']}') is not "
+                             f"null and to_regclass('public.{STUDY_TABLES['rdb']}') is null")
+        kind = "journal" if not kinds and journal_only[0] else "rdb"
+        if kinds:
+            log.warning("the backup holds both rdb and journal studies; the new home %s is "
+                        "set to storage = \"rdb\" (set \"journal\" in its pgjob.toml for "
+                        "the others)", home.path)
+    if fetch("select to_regclass('public.pgjob_journal_snapshots') is not null")[0]:
+        conn.execute("delete from pgjob_journal_snapshots")
+    return kind

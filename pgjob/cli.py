@@ -182,7 +182,8 @@ def restore(dump_file, home, **options) -> None:
 
     target = open_home(home, options["run_as"] or "", create=True).path
     made = restore_new_home(dump_file, target, **options)
-    click.echo(f"restored {dump_file} into the new home {made.path}; serve it with "
+    click.echo(f"restored {dump_file} into the new home {made.path} (storage = "
+               f"{made.settings().storage!r}); serve it with "
                f"`pgjob serve --home {made.path}` or `pgjob submit --home {made.path}`")
 
 
@@ -294,3 +295,70 @@ def dashboard(home, port, via, ssh_options, wait) -> None:
                                  port=port, wait=wait, say=say)
     else:
         dashboards.serve_local(target, port=port, wait=wait, say=say)
+
+
+def transfer_options(f):
+    for option in reversed((
+            click.option("--study", "studies", multiple=True, metavar="NAME",
+                         help="Copy this study; repeatable (default: every study)."),
+            click.option("--format", "fmt", type=click.Choice(["sqlite", "journal"]),
+                         help="The file's kind, for a new file whose name does not say "
+                              "(.db, .sqlite, .sqlite3: sqlite; .log, .jsonl, .journal: "
+                              "journal); an existing file is known by its content."),
+            click.option("--allow-running", is_flag=True,
+                         help="Copy studies that have RUNNING trials (they stay RUNNING "
+                              "in the copy, where nothing runs them)."),
+            click.option("--wait", default=0.0, metavar="SECONDS",
+                         help="Wait this long for the home's server (and the other "
+                              "home's) to answer."))):
+        f = option(f)
+    return home_option(f)
+
+
+def _one_of(file, other, file_name: str, home_option_name: str) -> None:
+    if bool(file) == bool(other):
+        from .errors import UsageError
+
+        raise UsageError(f"name one {file_name} file or one {home_option_name} HOME "
+                         f"({'both were' if file else 'neither was'} given)")
+
+
+@main.command()
+@transfer_options
+@click.option("--to-home", type=click.Path(), help="Copy into this other pgjob home "
+              "instead of a file (its storage, rdb or journal, is whatever it is set to).")
+@click.argument("target", required=False)
+def export(home, studies, fmt, allow_running, wait, to_home, target) -> None:
+    """Copy studies into a SQLite file, an Optuna journal file, or another home.
+
+    TARGET is a file (results.db, sqlite:///results.db, results.log). A new file is made
+    0600; an existing one must already be an Optuna storage. A study whose name the target
+    already has is refused, never merged."""
+    from . import transfer
+
+    _one_of(target, to_home, "TARGET", "--to-home")
+    mine = open_home(home).require()
+    to_file = transfer.study_file(target, fmt or "") if target else None
+    other = transfer.other_home(to_home, mine) if to_home else None
+    transfer.export(mine, to_file=to_file, to_home=other, studies=studies,
+                    allow_running=allow_running, wait=wait, say=click.echo)
+
+
+@main.command("import")
+@transfer_options
+@click.option("--from-home", type=click.Path(), help="Copy from this other pgjob home "
+              "instead of a file.")
+@click.argument("source", required=False)
+def import_(home, studies, fmt, allow_running, wait, from_home, source) -> None:
+    """Copy studies from a SQLite file, an Optuna journal file, or another home.
+
+    SOURCE is a file (results.db, sqlite:///results.db, results.log). A study whose name
+    the home already has is refused, never merged."""
+    from . import transfer
+
+    _one_of(source, from_home, "SOURCE", "--from-home")
+    mine = open_home(home).require()
+    from_file = transfer.study_file(source, fmt or "", new=False) if source else None
+    other = transfer.other_home(from_home, mine) if from_home else None
+    transfer.import_(mine, from_file=from_file, from_home=other, studies=studies,
+                     allow_running=allow_running, wait=wait, say=click.echo)

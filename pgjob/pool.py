@@ -10,6 +10,7 @@ SPARE_IDLE seconds, so a process holds two at peak and one when idle.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -17,6 +18,11 @@ from sqlalchemy.pool import QueuePool
 from sqlalchemy.util.queue import Empty
 
 SPARE_IDLE = 5.0
+
+# SQLAlchemy names a pool's logger after the pool's class, which puts SparePool's INFO
+# chatter ("Pool disposed", on every dispose) under pgjob's own logger and so on the
+# stderr of every pgjob command that opens a storage; SQLAlchemy keeps its own at WARNING.
+logging.getLogger(f"{__name__}.SparePool").setLevel(logging.WARNING)
 
 
 class SparePool(QueuePool):

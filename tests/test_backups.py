@@ -163,3 +163,45 @@ def test_a_home_whose_path_has_a_quote_and_a_space_backs_up_and_restores(templat
     loaded = optuna.load_study(study_name="q", storage=again.endpoint().sqlalchemy_url())
     assert [t.params for t in loaded.trials] == expected
     again.stop()
+
+
+def test_a_journal_home_restores_as_a_journal_home_without_its_old_snapshot(template_home,
+                                                                           tmp_path, caplog,
+                                                                           monkeypatch):
+    import pickle
+
+    import pgjob
+    from conftest import set_settings
+    from pgjob import journal
+
+    home = tmp_path / "journal-home"
+    shutil.copytree(template_home, home, symlinks=True)
+    set_settings(home, storage="journal")
+    served = Served(home, tmp_path / "serve.log")
+    served.endpoint()
+    storage = pgjob.optuna_storage(home)
+    study = optuna.create_study(storage=storage, study_name="j")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=4)
+    expected = [(t.params, t.value, t.state) for t in study.trials]
+    monkeypatch.setattr(journal, "SNAPSHOT_MIN_LOGS", 0)  # as a large study would have
+    storage.pgjob_backend.save_snapshot(pickle.dumps(storage._replay_result))
+    storage.pgjob_backend.close()
+    with served.endpoint().connect() as conn:
+        assert conn.execute("select count(*) from pgjob_journal_snapshots").fetchone() == (1,)
+    done = backup(home)
+    assert done.returncode == 0, done.stderr
+    served.stop()
+
+    restored = tmp_path / "restored"
+    made = run_pgjob("restore", str(written(done)), "--home", str(restored),
+                     "--allow", "127.0.0.1/32", check=True)
+    assert "(storage = 'journal')" in made.stdout
+    assert open_home(restored).settings().storage == "journal"
+    again = Served(restored, tmp_path / "restored.log")
+    with again.endpoint().connect() as conn:  # signed with the old home's key: dropped
+        assert conn.execute("select count(*) from pgjob_journal_snapshots").fetchone() == (0,)
+    caplog.set_level("WARNING", logger="pgjob.journal")
+    loaded = optuna.load_study(study_name="j", storage=pgjob.optuna_storage(restored))
+    assert [(t.params, t.value, t.state) for t in loaded.trials] == expected
+    assert not [r for r in caplog.records if r.name.startswith("pgjob")], caplog.text
+    again.stop()
