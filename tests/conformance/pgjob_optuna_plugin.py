@@ -155,9 +155,9 @@ def _claim(owner) -> Database:
 
 
 def _enter(self):
+    # Optuna's own modes: "sqlite" in tests that name it, and "journal", the journal's control
     if self.storage_specifier not in MODES[ACTIVE] or ACTIVE == "journal":
-        return _optuna_enter(self)  # Optuna's own modes: "sqlite" in tests that name it,
-        # and "journal", the journal runs' control
+        return _optuna_enter(self)
     database = _claim(self)
     try:
         self.storage = _make(self.storage_specifier, database, self.extra_args)
@@ -169,8 +169,8 @@ def _enter(self):
 
 def _exit(self, exc_type, exc_val, exc_tb):
     try:
-        # Optuna's own exit disposes of an RDBStorage's engine, also inside _CachedStorage;
-        # a journal's connections are closed as Optuna closes nothing of a JournalStorage.
+        # Optuna's own exit disposes of an RDBStorage's engine, also inside _CachedStorage,
+        # and closes nothing of a JournalStorage: pgjob's journal's connections close here.
         if self.storage_specifier == "pgjob_journal" and self.storage is not None:
             self.storage.pgjob_backend.close()
         return _optuna_exit(self, exc_type, exc_val, exc_tb)
