@@ -3,6 +3,9 @@
 Optuna's JournalStorage keeps each study in the worker's memory and only appends logs of
 operations; this module is where those logs live, as rows of `pgjob_journal`:
 
+- each log exactly as Optuna's own backends keep it: the text of `json.dumps`, read back
+  with `json.loads` (jsonb would refuse the infinities and NaN that Optuna logs for
+  values, turn 1e20 into an integer and reorder a dict's keys);
 - a total order with no gaps a reader could see: log numbers are handed out from a
   one-row counter (`pgjob_journal_head`) whose row lock is held until the append commits,
   so appends commit in log-number order and every reader sees a dense prefix;
@@ -25,6 +28,7 @@ server-side care import it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -37,7 +41,6 @@ import optuna
 import psycopg
 from optuna.storages.journal import BaseJournalBackend
 from optuna.storages.journal._base import BaseJournalSnapshot
-from psycopg.types.json import Jsonb
 
 from . import endpoint, heartbeat, signing
 from .errors import NotPublished, first_line
@@ -52,7 +55,7 @@ PAGE = 20_000  # logs per read: a joining worker replays a large study in bounde
 TABLES = (
     """create table if not exists pgjob_journal (
         id bigint primary key,
-        log jsonb not null,
+        log text not null,
         request uuid not null)""",
     """create table if not exists pgjob_journal_head (
         one boolean primary key default true check (one),
@@ -69,12 +72,12 @@ TABLES = (
     # statement in a plpgsql function takes a new snapshot: the final select sees all that
     # committed before this append (the row lock's order) and this append itself.
     """create or replace function pgjob_journal_append(
-        logs jsonb, request uuid, known bigint, repeat boolean)
-    returns table (id bigint, log jsonb)
+        logs text[], request uuid, known bigint, repeat boolean)
+    returns table (id bigint, log text)
     language plpgsql set search_path = pg_catalog, public as $$
     declare
         first bigint;
-        n integer := jsonb_array_length(logs);
+        n integer := cardinality(logs);
     begin
         select h.next into first from pgjob_journal_head h for update;
         if not (repeat and exists (select 1 from pgjob_journal j
@@ -82,7 +85,7 @@ TABLES = (
             update pgjob_journal_head set next = next + n;
             insert into pgjob_journal (id, log, request)
                 select first + o - 1, l, $2
-                from jsonb_array_elements(logs) with ordinality as u(l, o);
+                from unnest(logs) with ordinality as u(l, o);
             perform pg_notify('pgjob_journal', (first + n)::text);
         end if;
         return query select j.id, j.log from pgjob_journal j
@@ -259,11 +262,12 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         request = uuid.uuid4()
         known = self._position
+        texts = [json.dumps(entry, separators=(",", ":")) for entry in logs]  # as Optuna's file
 
         def append(repeat: bool):
             def work(conn):
                 return conn.execute("select id, log from pgjob_journal_append(%s, %s, %s, %s)",
-                                    (Jsonb(logs), request, known, repeat)).fetchall()
+                                    (texts, request, known, repeat)).fetchall()
             return work
         rows = self.run("an append to the journal", append(False), repeatable=append(True))
         self._fetched = (known, rows)
@@ -294,7 +298,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
                 raise RuntimeError(f"the journal has no log {number} (next is {log_id}): "
                                    "its table was edited by hand; restore it from a backup")
             self._position = number + 1
-            yield body
+            yield json.loads(body)
 
     # -- Optuna's BaseJournalSnapshot -----------------------------------------------
 
@@ -366,16 +370,11 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         """Whether the journal holds more than `after` logs, waiting up to `timeout`
         seconds for another worker's append: asleep on a NOTIFY, not polling. (Behind
         pgbouncer's transaction pooling no session can LISTEN: there it looks once a
-        second instead.)"""
+        second instead.) When the server restarts or moves meanwhile, it listens again
+        there, and looks again."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._listener is None or self._listener.closed:
-                self._listener, self._listening = self._connect(), False
-                if not self._pooled():
-                    self._listener.execute(f"listen {CHANNEL}")
-                    self._listening = True
-            listener, listening = self._listener, self._listening
         while True:
+            listener, listening = self._listen()
             # listening first, then looking: an append in between is not missed
             head = self.run("a look at the journal's length", lambda conn: conn.execute(
                 "select next from pgjob_journal_head").fetchone()[0])
@@ -387,9 +386,26 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
             if not listening:
                 time.sleep(min(left, 1.0))
                 continue
-            for notice in listener.notifies(timeout=left, stop_after=1):
-                if notice.payload.isdigit() and int(notice.payload) > after:
-                    return True
+            try:
+                for notice in listener.notifies(timeout=left, stop_after=1):
+                    if notice.payload.isdigit() and int(notice.payload) > after:
+                        return True
+            except Exception as exc:
+                if not _is_connection_loss(exc):
+                    raise
+                with self._lock:  # a new session listens on the next turn
+                    if self._listener is listener:
+                        self._listener = None
+                listener.close()
+
+    def _listen(self) -> tuple[psycopg.Connection, bool]:
+        with self._lock:
+            if self._listener is None or self._listener.closed:
+                self._listener, self._listening = self._connect(), False
+                if not self._pooled():
+                    self._listener.execute(f"listen {CHANNEL}")
+                    self._listening = True
+            return self._listener, self._listening
 
     def _pooled(self) -> bool:
         found = endpoint.read(self.home)

@@ -117,8 +117,8 @@ def read_junit(path: Path) -> dict[str, Outcome]:
 
 def run(mode: str, homes: list[Path], paths: list[str], report: Path, *,
         timeout: float = 900) -> Run:
-    """Optuna's tests under `paths` (relative to the sdist), with the storage modes of
-    `mode` ("pgjob" or "control") on the servers of `homes`."""
+    """Optuna's tests under `paths` (relative to the sdist), with the storage modes of the
+    mode set `mode` (see COMPARISONS) on the servers of `homes`."""
     root = optuna_tests()
     pgjob_root = str(Path(pgjob.__file__).resolve().parent.parent)  # the pgjob under test
     env = {**os.environ, "PGJOB_CONFORMANCE_MODES": mode,
@@ -148,14 +148,33 @@ def merge(shards: list[Run]) -> Run:
                max(s.returncode for s in shards), "\n".join(s.output for s in shards))
 
 
-# Test ids of the pgjob run name its modes; the control's name "rdb" and "cached_rdb".
-def _mode_swapper(old: str, new: str):
-    pattern = re.compile(rf"(?<=[\[-])(cached_)?{old}(?=[\]-])")
-    return lambda test_id: pattern.sub(lambda m: f"{m.group(1) or ''}{new}", test_id)
+@dataclass(frozen=True)
+class Comparison:
+    """A pgjob run and its control: their mode sets (the plugin's MODES), and the storage
+    mode by which their test ids differ ("pgjob" there is "rdb" in the control, and
+    "cached_pgjob" "cached_rdb")."""
+    pgjob: str
+    control: str
+    pgjob_mode: str
+    control_mode: str
+
+    @staticmethod
+    def _swap(old: str, new: str, test_id: str) -> str:
+        pattern = re.compile(rf"(?<=[\[-])(cached_)?{re.escape(old)}(?=[\]-])")
+        return pattern.sub(lambda m: f"{m.group(1) or ''}{new}", test_id)
+
+    def as_control_id(self, test_id: str) -> str:
+        return self._swap(self.pgjob_mode, self.control_mode, test_id)
+
+    def as_pgjob_id(self, test_id: str) -> str:
+        return self._swap(self.control_mode, self.pgjob_mode, test_id)
 
 
-as_control_id = _mode_swapper("pgjob", "rdb")
-as_pgjob_id = _mode_swapper("rdb", "pgjob")
+COMPARISONS = {
+    "rdb": Comparison("pgjob", "control", "pgjob", "rdb"),
+    # whatever passes on Optuna's file journal must pass on pgjob's
+    "journal": Comparison("pgjob_journal", "journal", "pgjob_journal", "journal"),
+}
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,24 @@ E   second line</error></testcase>
 
 
 def test_pgjob_ids_map_onto_the_controls_mode_by_mode():
-    assert suite.as_control_id("t.py::test_copy[cached_pgjob-pgjob]") == \
+    rdb = suite.COMPARISONS["rdb"]
+    assert rdb.as_control_id("t.py::test_copy[cached_pgjob-pgjob]") == \
         "t.py::test_copy[cached_rdb-rdb]"
-    assert suite.as_control_id("t.py::test_x[None-pgjob]") == "t.py::test_x[None-rdb]"
+    assert rdb.as_control_id("t.py::test_x[None-pgjob]") == "t.py::test_x[None-rdb]"
     # a parameter that merely contains the word is left alone
-    assert suite.as_control_id("t.py::test_x[pgjobs]") == "t.py::test_x[pgjobs]"
-    assert suite.as_pgjob_id("rdb_tests/t.py::test_copy[cached_rdb-rdb]") == \
+    assert rdb.as_control_id("t.py::test_x[pgjobs]") == "t.py::test_x[pgjobs]"
+    assert rdb.as_pgjob_id("rdb_tests/t.py::test_copy[cached_rdb-rdb]") == \
         "rdb_tests/t.py::test_copy[cached_pgjob-pgjob]"
+
+
+def test_journal_ids_map_onto_optuna_s_file_journal():
+    journal = suite.COMPARISONS["journal"]
+    assert journal.as_control_id("j.py::test_append[pgjob_journal-None]") == \
+        "j.py::test_append[journal-None]"
+    assert journal.as_pgjob_id("t.py::TestStorage::test_a[journal]") == \
+        "t.py::TestStorage::test_a[pgjob_journal]"
+    # Optuna's other journal modes are not the control's
+    assert journal.as_pgjob_id("t.py::test_b[journal_redis]") == "t.py::test_b[journal_redis]"
 
 
 def test_junit_outcomes_with_their_errors(tmp_path: Path):
