@@ -34,8 +34,8 @@ CREATE_STUDY, DELETE_STUDY, CREATE_TRIAL, SET_TRIAL_STATE_VALUES = 0, 1, 4, 6
 TRIAL_STATES = {0: "RUNNING", 1: "COMPLETE", 2: "PRUNED", 3: "FAIL", 4: "WAITING"}
 FINISHED = (1, 2, 3)
 _STUDY_LOGS = f"""
-select id, (log->>'op_code')::int, log->>'study_name', (log->>'study_id')::int
-from pgjob_journal where (log->>'op_code')::int in ({CREATE_STUDY}, {DELETE_STUDY})
+select id, op, case when op = {CREATE_STUDY} then log::jsonb->>'study_name' end, study
+from pgjob_journal where op in ({CREATE_STUDY}, {DELETE_STUDY})
 order by id
 """
 # Optuna's replay numbers a trial by the creations it applied (those whose study was
@@ -45,17 +45,16 @@ _JOURNAL_COUNTS = f"""
 with span (study_id, born, died) as (
     select * from unnest(%(ids)s::int[], %(born)s::bigint[], %(died)s::bigint[])),
 created as (
-    select s.study_id, coalesce((j.log->>'state')::int, 0) as state,
+    select s.study_id, coalesce(j.state, 0) as state,
            row_number() over (order by j.id) - 1 as trial_id
-    from pgjob_journal j join span s on s.study_id = (j.log->>'study_id')::int
+    from pgjob_journal j join span s on s.study_id = j.study
         and j.id > s.born and (s.died is null or j.id < s.died)
-    where (j.log->>'op_code')::int = {CREATE_TRIAL}),
+    where j.op = {CREATE_TRIAL}),
 updated as (
-    select (log->>'trial_id')::int as trial_id,
-           (array_agg((log->>'state')::int order by id)
-                filter (where (log->>'state')::int in {FINISHED}))[1] as finished,
-           (array_agg((log->>'state')::int order by id desc))[1] as last
-    from pgjob_journal where (log->>'op_code')::int = {SET_TRIAL_STATE_VALUES}
+    select trial as trial_id,
+           (array_agg(state order by id) filter (where state in {FINISHED}))[1] as finished,
+           (array_agg(state order by id desc))[1] as last
+    from pgjob_journal where op = {SET_TRIAL_STATE_VALUES}
     group by 1)
 select c.study_id, case when c.state in {FINISHED} then c.state
                         else coalesce(u.finished, u.last, c.state) end, count(*)

@@ -53,10 +53,16 @@ CHANNEL = "pgjob_journal"
 PAGE = 20_000  # logs per read: a joining worker replays a large study in bounded pieces
 
 TABLES = (
+    # Beside each log, the few fields of it that `pgjob status` counts by, typed (the log
+    # itself may hold NaN or Infinity, which PostgreSQL's JSON types refuse).
     """create table if not exists pgjob_journal (
         id bigint primary key,
         log text not null,
-        request uuid not null)""",
+        request uuid not null,
+        op smallint,
+        study integer,
+        trial integer,
+        state smallint)""",
     """create table if not exists pgjob_journal_head (
         one boolean primary key default true check (one),
         next bigint not null)""",
@@ -68,11 +74,13 @@ TABLES = (
         mac bytea not null,
         saved timestamptz not null default now())""",
     # One call, one round trip. The counter row is locked first, so that a repeat finds
-    # a lost attempt that committed, and waits for one that is still committing. Every
-    # statement in a plpgsql function takes a new snapshot: the final select sees all that
+    # a lost attempt that committed, and waits for one that is still committing (and an
+    # attempt that arrives late, after its own repeat, finds the repeat). Every statement
+    # in a plpgsql function takes a new snapshot: the final select sees all that
     # committed before this append (the row lock's order) and this append itself.
     """create or replace function pgjob_journal_append(
-        logs text[], request uuid, known bigint, repeat boolean)
+        logs text[], ops smallint[], studies integer[], trials integer[], states smallint[],
+        request uuid, known bigint)
     returns table (id bigint, log text)
     language plpgsql set search_path = pg_catalog, public as $$
     declare
@@ -80,12 +88,14 @@ TABLES = (
         n integer := cardinality(logs);
     begin
         select h.next into first from pgjob_journal_head h for update;
-        if not (repeat and exists (select 1 from pgjob_journal j
-                                   where j.id >= known and j.request = $2)) then
+        if not exists (select 1 from pgjob_journal j
+                       where j.id >= known and j.request = pgjob_journal_append.request) then
             update pgjob_journal_head set next = next + n;
-            insert into pgjob_journal (id, log, request)
-                select first + o - 1, l, $2
-                from unnest(logs) with ordinality as u(l, o);
+            insert into pgjob_journal (id, log, request, op, study, trial, state)
+                select first + o - 1, l, pgjob_journal_append.request, u.op, u.study,
+                       u.trial, u.state
+                from unnest(logs, ops, studies, trials, states)
+                    with ordinality as u(l, op, study, trial, state, o);
             perform pg_notify('pgjob_journal', (first + n)::text);
         end if;
         return query select j.id, j.log from pgjob_journal j
@@ -93,6 +103,9 @@ TABLES = (
     end $$""",
 )
 
+APPEND_SIGNATURE = ("pgjob_journal_append(text[], smallint[], integer[], integer[], "
+                    "smallint[], uuid, bigint)")
+_APPEND = "select id, log from pgjob_journal_append(%s, %s, %s, %s, %s, %s, %s)"
 _READ = "select id, log from pgjob_journal where id >= %s order by id limit %s"
 _SAVE = """
 insert into pgjob_journal_snapshots as s (optuna, upto, body, mac)
@@ -121,14 +134,27 @@ def ensure_tables(conn: psycopg.Connection) -> None:
     from .schema import LOCK_KEY
 
     present = conn.execute(
-        "select to_regclass('public.pgjob_journal_snapshots') is not null and exists ("
-        "select 1 from pg_proc where proname = 'pgjob_journal_append')").fetchone()[0]
+        "select to_regclass('public.pgjob_journal_snapshots') is not null and "
+        "to_regprocedure(%s) is not null", (APPEND_SIGNATURE,)).fetchone()[0]
     if present:
         return
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         for ddl in (*TABLES, heartbeat.TABLE):
             conn.execute(ddl)
+
+
+# The log fields in the columns op, study, trial, state, with the largest value each holds.
+COUNTED = {"op_code": 2**15 - 1, "study_id": 2**31 - 1, "trial_id": 2**31 - 1,
+           "state": 2**15 - 1}
+
+
+def _counted_fields(entry: dict[str, Any]) -> tuple:
+    """The COUNTED fields of a log where they are whole numbers that fit their columns,
+    else None: nothing in a log can make its append fail."""
+    return tuple(int(value) if isinstance(value, int) and not isinstance(value, bool)
+                 and 0 <= value <= most else None
+                 for value, most in ((entry.get(name), most) for name, most in COUNTED.items()))
 
 
 def _is_connection_loss(exc: BaseException) -> bool:
@@ -228,17 +254,18 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
                     conn.close()
             self._conn = self._listener = None
 
-    def run(self, what: str, work, *, repeatable=None):
-        """`work(conn)` on the live connection; after a lost connection, `repeatable(conn)`
-        (default: `work` again) on a new one, once the server is back, for up to `wait`."""
+    def run(self, what: str, work):
+        """`work(conn)` on the live connection; after a lost connection, again on a new one
+        once the server is back, for up to `wait` (an append is safe to repeat: see
+        pgjob_journal_append)."""
         deadline = time.monotonic() + self.wait
-        pause, lost = 0.5, False
+        pause = 0.5
         with self._lock:
             while True:
                 try:
                     if self._conn is None or self._conn.closed:
                         self._conn = self._connect()
-                    return (repeatable or work)(self._conn) if lost else work(self._conn)
+                    return work(self._conn)
                 except Exception as exc:
                     if not _is_connection_loss(exc) or time.monotonic() > deadline:
                         raise
@@ -247,7 +274,6 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
                     self._drop()
                     time.sleep(pause)
                     pause = min(pause * 2, self.pause)
-                    lost = True
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -263,13 +289,10 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         request = uuid.uuid4()
         known = self._position
         texts = [json.dumps(entry, separators=(",", ":")) for entry in logs]  # as Optuna's file
-
-        def append(repeat: bool):
-            def work(conn):
-                return conn.execute("select id, log from pgjob_journal_append(%s, %s, %s, %s)",
-                                    (texts, request, known, repeat)).fetchall()
-            return work
-        rows = self.run("an append to the journal", append(False), repeatable=append(True))
+        columns = [list(column) for column in zip(*map(_counted_fields, logs))]
+        params = (texts, *columns, request, known)
+        rows = self.run("an append to the journal",
+                        lambda conn: conn.execute(_APPEND, params).fetchall())
         self._fetched = (known, rows)
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
