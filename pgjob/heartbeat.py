@@ -40,7 +40,8 @@ create table if not exists pgjob_heartbeats (
 """
 
 # A lost heartbeat is harmless (a restarted server refreshes them all), so it need not
-# wait for the WAL flush (each storage's pgjob_beat says synchronous_commit = off).
+# wait for the WAL flush (an rdb home's pgjob_beat says synchronous_commit = off; a
+# journal home's is one durable statement, with no transaction held across round trips).
 # On an rdb home only trials still RUNNING are written; the ones returned are the trials
 # this process still runs. A journal home keeps trial states in the workers' memory: its
 # storage writes all and answers from there (optuna_journal.py).

@@ -51,6 +51,7 @@ log = logging.getLogger("pgjob.journal")
 
 CHANNEL = "pgjob_journal"
 PAGE = 20_000  # logs per read: a joining worker replays a large study in bounded pieces
+REPLY_BYTES = 64 * 1024  # the most an append's reply holds (see pgjob_journal_append)
 
 TABLES = (
     # Beside each log, the few fields of it that `pgjob status` counts by, typed (the log
@@ -78,18 +79,26 @@ TABLES = (
     # attempt that arrives late, after its own repeat, finds the repeat). Every statement
     # in a plpgsql function takes a new snapshot: the final select sees all that
     # committed before this append (the row lock's order) and this append itself.
+    # The reply (the logs from `known` on, with `upto`: the id of this append's last log)
+    # is sent before the commit, while the counter is still locked: it is kept under
+    # REPLY_BYTES (at least one log), which the network's buffers take whole, so that a
+    # worker that stops reading (SIGSTOP, a frozen node) never holds every other append
+    # up. It reads the rest afterwards, outside the lock.
     """create or replace function pgjob_journal_append(
         logs text[], ops smallint[], studies integer[], trials integer[], states smallint[],
         request uuid, known bigint)
-    returns table (id bigint, log text)
+    returns table (id bigint, log text, upto bigint)
     language plpgsql set search_path = pg_catalog, public as $$
     declare
         first bigint;
+        last bigint;
         n integer := cardinality(logs);
     begin
         select h.next into first from pgjob_journal_head h for update;
-        if not exists (select 1 from pgjob_journal j
-                       where j.id >= known and j.request = pgjob_journal_append.request) then
+        select max(j.id) into last from pgjob_journal j
+            where j.id >= known and j.request = pgjob_journal_append.request;
+        if last is null then
+            last := first + n - 1;
             update pgjob_journal_head set next = next + n;
             insert into pgjob_journal (id, log, request, op, study, trial, state)
                 select first + o - 1, l, pgjob_journal_append.request, u.op, u.study,
@@ -98,14 +107,17 @@ TABLES = (
                     with ordinality as u(l, op, study, trial, state, o);
             perform pg_notify('pgjob_journal', (first + n)::text);
         end if;
-        return query select j.id, j.log from pgjob_journal j
-                     where j.id >= known order by j.id;
+        return query
+            select r.id, r.log, last from (
+                select j.id, j.log, sum(octet_length(j.log)) over (order by j.id) as bytes
+                from pgjob_journal j where j.id >= known order by j.id limit 1000) as r
+            where r.bytes <= %(reply_bytes)s or r.id = known order by r.id;
     end $$""",
 )
 
 APPEND_SIGNATURE = ("pgjob_journal_append(text[], smallint[], integer[], integer[], "
                     "smallint[], uuid, bigint)")
-_APPEND = "select id, log from pgjob_journal_append(%s, %s, %s, %s, %s, %s, %s)"
+_APPEND = "select id, log, upto from pgjob_journal_append(%s, %s, %s, %s, %s, %s, %s)"
 _READ = "select id, log from pgjob_journal where id >= %s order by id limit %s"
 _SAVE = """
 insert into pgjob_journal_snapshots as s (optuna, upto, body, mac)
@@ -141,7 +153,7 @@ def ensure_tables(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         for ddl in (*TABLES, heartbeat.TABLE):
-            conn.execute(ddl)
+            conn.execute(ddl.replace("%(reply_bytes)s", str(REPLY_BYTES)))
 
 
 # The log fields in the columns op, study, trial, state, with the largest value each holds.
@@ -203,7 +215,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._conn: psycopg.Connection | None = None
         self._pid = os.getpid()
         self._position = 0  # how many logs this backend has handed out (Optuna's next read)
-        self._fetched: tuple[int, list] | None = None  # an append's reply, for the next read
+        self._fetched: tuple[int, list, bool] | None = None  # an append's reply, for the next read
         self._snapshot_upto = 0
         self._key = signing.key(home)
         self._warned_key = False
@@ -293,7 +305,8 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         params = (texts, *columns, request, known)
         rows = self.run("an append to the journal",
                         lambda conn: conn.execute(_APPEND, params).fetchall())
-        self._fetched = (known, rows)
+        # (where it starts, its logs, whether they reach this append's last log)
+        self._fetched = (known, [row[:2] for row in rows], rows[-1][0] >= rows[-1][2])
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
         # Optuna says how far it has read: after a snapshot it may be far past what this
@@ -301,9 +314,9 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         self._position = log_number_from
         fetched, self._fetched = self._fetched, None
         if fetched is not None and fetched[0] == log_number_from:
-            rows = fetched[1]  # what the append just returned: no second round trip
+            rows, whole = fetched[1], fetched[2]  # the append's reply: no second round trip
             yield from self._hand_out(rows, log_number_from)
-            if len(rows) < PAGE:
+            if whole:
                 return
             log_number_from += len(rows)
         while True:

@@ -135,11 +135,10 @@ class PgJobJournalStorage(JournalStorage):
     def pgjob_beat(self, params: dict) -> set[int]:
         """One heartbeat for the trials `params["ids"]`; those still RUNNING as the
         journal says (a trial the server failed meanwhile drops out)."""
-        def beat(conn):
-            with conn.transaction():
-                conn.execute("set local synchronous_commit = off")
-                conn.execute(heartbeat.BEAT_ALL, params)
-        self.pgjob_backend.run("a heartbeat", beat)
+        # One statement on its own: no transaction stays open across round trips, so a
+        # worker stopped right here (SIGSTOP) holds no row the server's sweep must touch.
+        self.pgjob_backend.run("a heartbeat",
+                               lambda conn: conn.execute(heartbeat.BEAT_ALL, params))
         with self._thread_lock:
             self._sync_with_backend()
             trials = self._replay_result._trials

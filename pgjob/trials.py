@@ -275,6 +275,9 @@ class JournalTrials:
         self._storage = None
 
 
+LOCK_WAIT = "10s"  # how long a sweep waits for a row a worker holds
+
+
 class StaleTrialSweeper:
     """Fails the declared trials whose worker is gone, and queues a retry of each.
 
@@ -305,6 +308,9 @@ class StaleTrialSweeper:
         trials = None
         try:
             with self.connect() as conn:
+                # A worker stopped (SIGSTOP, a frozen node) inside a transaction holds its
+                # rows: this sweep gives up on them, and the next one tries again.
+                conn.execute(f"set lock_timeout = '{LOCK_WAIT}'")
                 trials = self._trials(conn)
                 if trials is None:
                     return []  # no pgjob worker yet: nothing to judge

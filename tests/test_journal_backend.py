@@ -400,3 +400,38 @@ def test_wait_for_logs_listens_again_when_its_session_is_lost(home, backend):
         thread.join(30)
     assert done == [[(True,)]]  # the waiter's session was ended, and it still woke
     assert time.monotonic() - started < 10
+
+
+BACKLOG = 30  # appends of 100 logs of 2 kB: past what the network's buffers hold
+
+
+def test_a_worker_that_stops_reading_mid_append_holds_no_other_append_up(home, backend):
+    """A worker stopped (SIGSTOP, a frozen node) while its append's reply is on the way
+    must not keep the journal's counter locked: the reply is small enough for the
+    network's buffers, so the server commits without waiting for the worker to read."""
+    first = backend(home)
+    blob = "x" * 2000  # a study far ahead of the stopped worker: 6 MB it has not read
+    for _ in range(BACKLOG):
+        first.append_logs([{"op_code": 9, "trial_id": 0, "system_attr": {"b": blob}}] * 100)
+    found = endpoint.read(open_home(home))
+    stopped = found.connect()
+    texts = [json.dumps({"op_code": 9, "trial_id": 0})]
+    # sent, never read: what a process stopped right after sending does
+    stopped.pgconn.send_query_params(
+        b"select * from pgjob_journal_append($1, $2, $3, $4, $5, $6, $7)",
+        [f"{{{json.dumps(texts[0])}}}".encode(), b"{9}", b"{NULL}", b"{0}", b"{NULL}",
+         str(__import__("uuid").uuid4()).encode(), b"0"])
+    stopped.pgconn.flush()
+    time.sleep(1)
+    other = backend(home)
+    done = threading.Event()
+    threading.Thread(target=lambda: (other.append_logs([{"op_code": 9}]), done.set()),
+                     daemon=True).start()
+    try:
+        assert done.wait(30), "an append waited for a worker that had stopped reading"
+        assert sql(home, "select count(*) from pgjob_journal")[0][0] == BACKLOG * 100 + 2
+        # its reply held only the first logs; the read after it brings all the rest
+        logs = list(other.read_logs(0))
+        assert len(logs) == BACKLOG * 100 + 2 and logs[-1] == {"op_code": 9}
+    finally:
+        stopped.close()
