@@ -65,6 +65,6 @@ def measure(quick: bool) -> dict:
         rows = [one_size(instance, size, repeats) for size in sizes]
     at = next((r for r in rows if r["trials"] == TARGET_SIZE), rows[-1])
     return {"repeats": repeats, "rows": rows, "targets": {
-        f"new worker ready < {READY_TARGET_S:.0f} s on a {at['trials']}-trial study, "
+        f"new worker ready < {READY_TARGET_S:.0f} s on a {at['trials']:,}-trial study, "
         "snapshot in place": max(at["fresh"]["ready_s"], at["oldest"]["ready_s"])
         < READY_TARGET_S}}

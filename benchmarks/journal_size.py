@@ -64,5 +64,5 @@ def measure(quick: bool) -> dict:
         rows = [one_size(instance, size, trials, rounds) for size, rounds in sizes.items()]
     at = next((r for r in rows if r["prefill"] == TARGET_SIZE), rows[-1])
     return {"trials": trials, "rows": rows, "targets": {
-        f"storage overhead per trial <= {OVERHEAD_TARGET_MS:.0f} ms at {at['prefill']} "
+        f"storage overhead per trial <= {OVERHEAD_TARGET_MS:.0f} ms at {at['prefill']:,} "
         "trials (TPE)": at["overhead_ms"] <= OVERHEAD_TARGET_MS}}

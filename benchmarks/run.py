@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="pgjob-bench-report-")) if args.quick
                        else HERE.parent / "docs")
     results = {"quick": args.quick, "machine": machine()}
+    began_all = time.perf_counter()
     try:
         for name, module in (("cold_start", cold_start), ("throughput", throughput),
                              ("journal_size", journal_size), ("journal_join", journal_join),
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(common.ROOT, ignore_errors=True)
     print(report.targets_table(results))
-    print(f"bench: report written to {page}")
+    print(f"bench: report written to {page} ({time.perf_counter() - began_all:.0f} s in all)")
     return 0
 
 

@@ -14,13 +14,16 @@ objective, RandomSampler and TPE, on every storage a user might choose:
 
 pgjob, pgjob journal, JournalFileBackend and plain-on-the-same-server run in alternating
 rounds, so that drift on the machine hits them alike; a ratio is the median of the
-per-round ratios.
+per-round ratios. Each run is a new study; the two journals are emptied before each of
+their runs (see empty_journal).
 """
 from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
+import prefill
 from common import (DefaultServer, PgJobInstance, Workers, median, percentiles, scratch,
                     server_cpu_s)
 
@@ -79,6 +82,7 @@ def measure(quick: bool) -> dict:
                 runs = {b: [] for b in BACKENDS}
                 for _ in range(rounds):  # those compared with a target alternate
                     for backend in ROUNDS:
+                        empty_journal(backend, targets[backend], journal_server)
                         runs[backend].append(one_run(backend, targets[backend], sampler, n,
                                                      trials[sampler], pids.get(backend)))
                 for backend in BACKENDS[len(ROUNDS):]:
@@ -100,6 +104,18 @@ def measure(quick: bool) -> dict:
                              "journal_vs_file": _ratio(runs, "pgjob_journal", "journal")})
     return {"trials_per_worker": trials, "rounds": rounds, "rows": rows,
             "targets": _check(rows)}
+
+
+def empty_journal(backend: str, target: str, journal_server: PgJobInstance) -> None:
+    """Each run of a journal storage starts on an empty journal, as a study alone in its
+    home or file would: every worker keeps the whole journal in memory, and Optuna pickles
+    all of it every 100th trial to offer a snapshot, so earlier runs' studies would weigh
+    on later runs (journal_size.py measures what a large journal costs)."""
+    if backend == "journal":
+        Path(target).unlink(missing_ok=True)
+    elif backend == "pgjob_journal":
+        with journal_server.endpoint.connect() as conn:
+            prefill.clear_journal(conn)
 
 
 def _ratio(runs: dict, ours: str, theirs: str) -> float:
