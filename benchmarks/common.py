@@ -73,24 +73,27 @@ def server_cpu_s(postmaster_pid: int) -> float:
 
 @dataclass
 class PgJobInstance:
-    """A pgjob home in a scratch directory and a `pgjob serve` on loopback."""
+    """A pgjob home in a scratch directory and a `pgjob serve` on loopback; `storage` is
+    the home's setting ("rdb", or "journal" for a journal home)."""
 
     base: Path
     workers: int = 64
     pooler: bool = False
+    storage: str = "rdb"
     serve: subprocess.Popen | None = None
 
     @property
     def home_path(self) -> Path:
-        return self.base / "home"
+        return self.base / f"home-{self.storage}"
 
     def __enter__(self) -> "PgJobInstance":
-        init(self.home_path, allow=("127.0.0.1/32",), workers=self.workers)
+        init(self.home_path, allow=("127.0.0.1/32",), workers=self.workers,
+             storage=self.storage)
         env = {**os.environ, "PGJOB_POOLER": "pgbouncer" if self.pooler else "none"}
         self.serve = subprocess.Popen(
             [sys.executable, "-m", "pgjob", "serve", "--home", str(self.home_path),
              "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
-            stderr=open(self.base / "serve.log", "a"), env=env)
+            stderr=open(self.base / f"serve-{self.storage}.log", "a"), env=env)
         self.endpoint = endpoint.wait_connectable(open_home(self.home_path), 60)
         return self
 
@@ -144,6 +147,15 @@ class DefaultServer:
     def __exit__(self, *_exc) -> None:
         subprocess.run([self.bindir / "pg_ctl", "stop", "-w", "-m", "fast", "-D", self.data],
                        check=True, stdout=subprocess.DEVNULL)
+
+
+def run_json(script: str, *args: str, timeout: float = 600) -> dict:
+    """Run benchmarks/`script` with `args` in a new Python; the JSON line it prints."""
+    done = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} {' '.join(args)} failed:\n{done.stderr}")
+    return json.loads(done.stdout)
 
 
 ROOT = Path(tempfile.mkdtemp(prefix="pgjob-bench-"))  # run.py removes it at the end

@@ -33,7 +33,7 @@ def machine_table(machine: dict) -> str:
 
 def targets_table(results: dict) -> str:
     rows = []
-    for section in ("cold_start", "throughput", "connections"):
+    for section in ("cold_start", "throughput", "journal_size", "journal_join", "connections"):
         for name, met in results[section]["targets"].items():
             rows.append([section.replace("_", " "), name, _yes(met)])
     for mode, r in results["scale"]["modes"].items():
@@ -71,9 +71,12 @@ def throughput_tables(r: dict) -> str:
         for label in labels:
             cells = {x["workers"]: x for x in mine if x["label"] == label}
             table.append([label] + [f"{cells[n]['trials_per_s']}" for n in counts])
-        ratios = {x["workers"]: x["pgjob_vs_plain"] for x in r["rows"]
+        ratios = {x["workers"]: x for x in r["rows"]
                   if x["backend"] == "ratio" and x["sampler"] == sampler}
-        table.append(["*pgjob / plain, same server*"] + [f"*{ratios[n]}*" for n in counts])
+        for key, label in (("pgjob_vs_plain", "pgjob / plain, same server"),
+                           ("journal_vs_plain", "pgjob journal / plain, same server"),
+                           ("journal_vs_file", "pgjob journal / JournalFileBackend")):
+            table.append([f"*{label}*"] + [f"*{ratios[n][key]}*" for n in counts])
         name = "RandomSampler" if sampler == "random" else "TPESampler"
         out.append(f"**{name}, trials/s** (workers across):\n\n"
                    + _table(["storage"] + [f"{n}" for n in counts], table))
@@ -88,6 +91,34 @@ def throughput_tables(r: dict) -> str:
         out.append(f"**{name}, CPU time per trial in ms, worker processes + server:**\n\n"
                    + _table(["storage"] + [f"{n}" for n in counts], cpu))
     return "\n".join(out)
+
+
+def journal_size_table(r: dict) -> str:
+    return _table(["trials before", "rounds", "pgjob journal ms/trial", "in-memory ms/trial",
+                   "storage overhead ms/trial", "pgjob journal latency p50 / p95 / p99",
+                   "worker CPU ms/trial: journal / in-memory", "server CPU ms/trial"],
+                  [[f"{x['prefill']:,}", x["rounds"], x["journal_ms"], x["memory_ms"],
+                    f"**{x['overhead_ms']}**", _pct(x["journal_latency_ms"]),
+                    f"{x['journal_worker_cpu_ms']} / {x['memory_worker_cpu_ms']}",
+                    x["server_cpu_ms"]] for x in r["rows"]])
+
+
+JOIN_CASES = {"fresh": "a fresh one", "oldest": "the oldest the throttle leaves",
+              "none": "none"}
+
+
+def journal_join_table(r: dict) -> str:
+    rows = []
+    for x in r["rows"]:
+        for case, label in JOIN_CASES.items():
+            y = x[case]
+            covers = f"{y['upto']:,} of {y['logs']:,} logs, {y['mb']} MB" if "upto" in y \
+                else "-"
+            rows.append([f"{x['trials']:,}", label, covers, f"**{y['ready_s']}**",
+                         y["storage_s"], y["study_s"], y["ask_s"], y["imports_s"]])
+    return _table(["trials", "snapshot", "snapshot covers", "ready (s)",
+                   "optuna_storage() (s)", "create_study (s)", "first ask (s)",
+                   "imports before (s)"], rows)
 
 
 def connections_table(r: dict) -> str:
@@ -149,6 +180,25 @@ def plot(results: dict, out: Path) -> list[str]:
     fig.savefig(out / names[0], dpi=110)
     plt.close(fig)
 
+    rows = results["journal_size"]["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    places = range(len(rows))
+    for key, label in (("journal_ms", "pgjob journal"), ("memory_ms", "in-memory (TPE alone)"),
+                       ("overhead_ms", "storage overhead")):
+        ax.plot(places, [max(x[key], 0.01) for x in rows], marker="o", label=label)
+    ax.axhline(20, color="red", linestyle="--", linewidth=1, label="overhead target")
+    ax.set_xticks(list(places), [f"{x['prefill']:,}" for x in rows])
+    ax.set_yscale("log")
+    ax.set_xlabel("finished trials in the study before")
+    ax.set_ylabel("ms per trial, TPE (log)")
+    ax.set_title("A journal home's study as it grows")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    names.append("performance-journal.png")
+    fig.savefig(out / names[-1], dpi=110)
+    plt.close(fig)
+
     modes = results["scale"]["modes"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (mode, x) in enumerate(modes.items()):
@@ -161,7 +211,7 @@ def plot(results: dict, out: Path) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     names.append("performance-scale.png")
-    fig.savefig(out / names[1], dpi=110)
+    fig.savefig(out / names[-1], dpi=110)
     plt.close(fig)
     return names
 
@@ -194,10 +244,13 @@ page is written by `benchmarks/report.py`; only the findings section is written 
 ## 2. Trial throughput
 
 {results["throughput"]["trials_per_worker"]["random"]} (RandomSampler) and
-{results["throughput"]["trials_per_worker"]["tpe"]} (TPESampler) trials per worker process, objective `x**2 + y**2` over two floats; the median of
-{results["throughput"]["rounds"]} alternating rounds for pgjob and plain on the same
-server. Latency is the time from one trial's end to the next one's end in a worker: the
-sampler plus the storage, the objective costs nothing.
+{results["throughput"]["trials_per_worker"]["tpe"]} (TPESampler) trials per worker process, objective `x**2 + y**2` over two floats, each
+run in a new study (and the journals, pgjob's and the file, emptied first: section 6
+shows what a large journal costs); the median of {results["throughput"]["rounds"]} alternating rounds for
+pgjob, pgjob journal, JournalFileBackend and plain on the same server (the rdb home's;
+the journal home's server is a second pgjob server, set up alike). Latency is the time
+from one trial's end to the next one's end in a worker: the sampler plus the storage, the
+objective costs nothing.
 
 ![trials per second](./{images[0]})
 
@@ -210,12 +263,36 @@ sampler plus the storage, the objective costs nothing.
 Each simulated worker does one trial's storage work every {results["scale"]["period_s"]:.0f} s
 for {results["scale"]["duration_s"]:.0f} s (see `benchmarks/scale.py` for the statements).
 
-![latency at scale](./{images[1]})
+![latency at scale](./{images[2]})
 
 {scale_table(results["scale"])}
 ## 5. Server settings
 
 {settings_table(results["server_settings"])}
+## 6. A journal home's study as it grows
+
+One worker runs {results["journal_size"]["trials"]} trials with TPESampler after the study was
+prefilled: its logs written straight into the journal, 4 per trial as Optuna writes them
+(`benchmarks/prefill.py`). Optuna offers a snapshot every 100th trial, so a run of 100
+holds exactly one offer (and pays for pickling the whole study once). A snapshot is in
+place, as in a study that has been running. In-memory is the same worker and the same
+trials on `InMemoryStorage`: the sampler's own cost. Storage overhead = pgjob journal
+minus in-memory. The median of the rounds shown, each on a study filled anew.
+
+![ms per trial as the study grows](./{images[1]})
+
+{journal_size_table(results["journal_size"])}
+## 7. A new worker joining a large journal study
+
+A new process, from `pgjob.optuna_storage()` to its first `study.ask()` returning (with
+`create_study(load_if_exists=True)` between), median of {results["journal_join"]["repeats"]};
+its imports, before that, are apart. The study's logs are written straight into the journal
+(4 per trial). "The oldest the throttle leaves": a worker saves a new snapshot only once the
+journal has grown by a quarter since the last, so a joining worker may find one that
+covers only 80 % of the logs. Saving a snapshot stalls the saving worker's ask:
+{", ".join(f"{x['save_s']} s at {x['trials']:,} trials" for x in results["journal_join"]["rows"])}.
+
+{journal_join_table(results["journal_join"])}
 ## Recovery from a killed server
 
 {recovery_table(results["recovery"])}"""

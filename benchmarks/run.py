@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +24,8 @@ sys.path.insert(0, str(HERE))
 import cold_start  # noqa: E402
 import common  # noqa: E402
 import connections  # noqa: E402
+import journal_join  # noqa: E402
+import journal_size  # noqa: E402
 import report  # noqa: E402
 import resilience  # noqa: E402
 import scale  # noqa: E402
@@ -67,19 +70,25 @@ def main(argv=None) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="pgjob-bench-report-")) if args.quick
                        else HERE.parent / "docs")
     results = {"quick": args.quick, "machine": machine()}
+    began_all = time.perf_counter()
     try:
         for name, module in (("cold_start", cold_start), ("throughput", throughput),
+                             ("journal_size", journal_size), ("journal_join", journal_join),
                              ("connections", connections),
                              ("server_settings", server_settings), ("recovery", resilience)):
             print(f"bench: {name} ...", flush=True)
+            began = time.perf_counter()
             results[name] = module.measure(args.quick)
+            print(f"bench: {name} took {time.perf_counter() - began:.0f} s", flush=True)
         print("bench: scale ...", flush=True)
+        began = time.perf_counter()
         results["scale"] = scale.measure(args.quick, pooler=pooler.find() is not None)
+        print(f"bench: scale took {time.perf_counter() - began:.0f} s", flush=True)
         page = report.write(results, out)
     finally:
         shutil.rmtree(common.ROOT, ignore_errors=True)
     print(report.targets_table(results))
-    print(f"bench: report written to {page}")
+    print(f"bench: report written to {page} ({time.perf_counter() - began_all:.0f} s in all)")
     return 0
 
 

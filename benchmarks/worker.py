@@ -6,8 +6,10 @@ JSON line: each trial's latency (from the previous trial's end to its own end), 
 time it ran and the CPU time it used. When the parent sends "hold" instead of "go", it waits after its trials for
 "exit", keeping the storage open, so that idle connections can be counted.
 
-BACKEND: pgjob (TARGET = home), plain (TARGET = SQLAlchemy URL), sqlite (TARGET = file),
-journal (TARGET = file), inmemory (TARGET unused: a private study, the ceiling).
+BACKEND: pgjob (TARGET = home, an rdb or a journal home), plain (TARGET = SQLAlchemy
+URL), sqlite (TARGET = file), journal (TARGET = file), inmemory (a private study, the
+ceiling; TARGET is "-", or a number of finished trials the study starts with, the same
+as prefill.py writes into a journal home's study).
 """
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ def main() -> None:
     n_jobs = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     study = optuna.create_study(storage=storage_for(backend, target), study_name=study_name,
                                 load_if_exists=True, sampler=sampler_for(sampler))
+    if backend == "inmemory" and target.isdigit():
+        import prefill
+        study.add_trials(prefill.frozen_trials(int(target)))
     print("ready", flush=True)
     command = sys.stdin.readline().strip()
     ends: list[float] = []

@@ -18,13 +18,21 @@ def test_benchmarks_run_in_quick_mode_and_write_the_report(tmp_path):
     results = json.loads((tmp_path / "performance.json").read_text())
     assert results["cold_start"]["cold_pgjob"]["total_s"] > 0
     backends = {r["backend"] for r in results["throughput"]["rows"]}
-    assert {"pgjob", "plain_same", "plain_default", "sqlite", "journal", "inmemory"} <= backends
+    assert {"pgjob", "pgjob_journal", "plain_same", "plain_default", "sqlite", "journal",
+            "inmemory"} <= backends
+    assert all(r["journal_ms"] > 0 for r in results["journal_size"]["rows"])
+    for row in results["journal_join"]["rows"]:  # a joining worker uses the snapshot there is
+        assert row["fresh"]["snapshot_loaded"] and row["oldest"]["snapshot_loaded"]
+        assert not row["none"]["snapshot_loaded"] and row["none"]["ready_s"] > 0
     assert all(r["peak_max"] >= 1 for r in results["connections"]["rows"])
     for mode in results["scale"]["modes"].values():
         assert mode["connected"] == mode["workers"] and mode["trials"] > 0
     page = (tmp_path / "performance.md").read_text()
     for heading in ("## 1. Cold start", "## 2. Trial throughput", "## 3. Connections",
-                    "## 4. A thousand workers", "## 5. Server settings"):
+                    "## 4. A thousand workers", "## 5. Server settings",
+                    "## 6. A journal home's study as it grows",
+                    "## 7. A new worker joining a large journal study"):
         assert heading in page
-    for image in ("performance-throughput.png", "performance-scale.png"):
+    for image in ("performance-throughput.png", "performance-scale.png",
+                  "performance-journal.png"):
         assert (tmp_path / image).read_bytes().startswith(b"\x89PNG")
