@@ -13,6 +13,7 @@ objective of worker.py, x**2 + y**2, so TPE meets the same history in either sto
 from __future__ import annotations
 
 import datetime
+import json
 import random
 import uuid
 
@@ -20,9 +21,8 @@ import optuna
 import psycopg
 from optuna.distributions import FloatDistribution
 from optuna.storages.journal import BaseJournalBackend
-from psycopg.types.json import Jsonb
 
-from pgjob.journal import ensure_tables
+from pgjob.journal import counted_fields, ensure_tables
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DISTRIBUTIONS = {"x": FloatDistribution(-10, 10), "y": FloatDistribution(-10, 10)}
@@ -105,8 +105,7 @@ def clear_journal(conn: psycopg.Connection) -> None:
 
 
 def trials_in_journal(conn: psycopg.Connection) -> int:
-    return conn.execute("select count(*) from pgjob_journal "
-                        "where (log->>'op_code')::int = 4").fetchone()[0]
+    return conn.execute("select count(*) from pgjob_journal where op = 4").fetchone()[0]
 
 
 def append_journal(conn: psycopg.Connection, logs: list[dict]) -> None:
@@ -115,9 +114,11 @@ def append_journal(conn: psycopg.Connection, logs: list[dict]) -> None:
     request = uuid.uuid4()
     with conn.transaction():
         first = conn.execute("select next from pgjob_journal_head for update").fetchone()[0]
-        with conn.cursor().copy("copy pgjob_journal (id, log, request) from stdin") as copy:
+        with conn.cursor().copy("copy pgjob_journal (id, log, request, op, study, trial, "
+                                "state) from stdin") as copy:
             for number, log in enumerate(logs, first):
-                copy.write_row((number, Jsonb(log), request))
+                copy.write_row((number, json.dumps(log, separators=(",", ":")), request,
+                                *counted_fields(log)))
         conn.execute("update pgjob_journal_head set next = %s", (first + len(logs),))
 
 

@@ -161,7 +161,7 @@ COUNTED = {"op_code": 2**15 - 1, "study_id": 2**31 - 1, "trial_id": 2**31 - 1,
            "state": 2**15 - 1}
 
 
-def _counted_fields(entry: dict[str, Any]) -> tuple:
+def counted_fields(entry: dict[str, Any]) -> tuple:
     """The COUNTED fields of a log where they are whole numbers that fit their columns,
     else None: nothing in a log can make its append fail."""
     return tuple(int(value) if isinstance(value, int) and not isinstance(value, bool)
@@ -301,7 +301,7 @@ class PgJournalBackend(BaseJournalBackend, BaseJournalSnapshot):
         request = uuid.uuid4()
         known = self._position
         texts = [json.dumps(entry, separators=(",", ":")) for entry in logs]  # as Optuna's file
-        columns = [list(column) for column in zip(*map(_counted_fields, logs))]
+        columns = [list(column) for column in zip(*map(counted_fields, logs))]
         params = (texts, *columns, request, known)
         rows = self.run("an append to the journal",
                         lambda conn: conn.execute(_APPEND, params).fetchall())
