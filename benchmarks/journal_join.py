@@ -3,7 +3,7 @@
 process (joiner.py join) from `pgjob.optuna_storage()` to its first `study.ask()`
 returning, in three cases:
 
-- a fresh snapshot: one saved a trial ago (by joiner.py grow);
+- a fresh snapshot: one saved just before (by joiner.py grow);
 - the oldest snapshot pgjob's throttle leaves in place: a worker saves a new one only once
   the journal has grown by a quarter since the last (journal.SNAPSHOT_MIN_LOGS), so a
   joining worker may find one made at 80 % of the study, and replay the last 20 % of its

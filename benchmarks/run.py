@@ -1,8 +1,9 @@
 """Run every pgjob benchmark and write the report: `python benchmarks/run.py [--quick] [--out DIR]`.
 
-A full run writes docs/performance.md, docs/performance.json and the plots (about 20 minutes
-here). --quick is a smoke run (tiny sizes) that CI uses to keep the benchmarks working; it
-writes into a scratch directory unless --out is given, and its numbers mean nothing.
+A full run writes docs/performance.md, docs/performance.json and the plots (about 25-30
+minutes here). --quick is a smoke run (tiny sizes) that CI uses to keep the benchmarks
+working; it writes into a scratch directory unless --out is given, and its numbers mean
+nothing.
 """
 from __future__ import annotations
 
