@@ -84,7 +84,7 @@ TABLES = (
     # REPLY_BYTES (at least one log), which the network's buffers take whole, so that a
     # worker that stops reading (SIGSTOP, a frozen node) never holds every other append
     # up. It reads the rest afterwards, outside the lock.
-    """create or replace function pgjob_journal_append(
+    f"""create or replace function pgjob_journal_append(
         logs text[], ops smallint[], studies integer[], trials integer[], states smallint[],
         request uuid, known bigint)
     returns table (id bigint, log text, upto bigint)
@@ -111,7 +111,7 @@ TABLES = (
             select r.id, r.log, last from (
                 select j.id, j.log, sum(octet_length(j.log)) over (order by j.id) as bytes
                 from pgjob_journal j where j.id >= known order by j.id limit 1000) as r
-            where r.bytes <= %(reply_bytes)s or r.id = known order by r.id;
+            where r.bytes <= {REPLY_BYTES} or r.id = known order by r.id;
     end $$""",
 )
 
@@ -153,7 +153,7 @@ def ensure_tables(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         for ddl in (*TABLES, heartbeat.TABLE):
-            conn.execute(ddl.replace("%(reply_bytes)s", str(REPLY_BYTES)))
+            conn.execute(ddl)
 
 
 # The log fields in the columns op, study, trial, state, with the largest value each holds.

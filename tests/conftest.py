@@ -163,31 +163,25 @@ def fast_server(template_home, tmp_path_factory):
     """One `pgjob serve` for a whole module, on a home whose pgjob.toml sets 1 s heartbeats
     and a 3 s grace period (FAST), so that the server judges trials within seconds. Tests
     sharing it use studies of their own names."""
-    base = tmp_path_factory.mktemp("fast")
-    path = base / "home"
-    shutil.copytree(template_home, path, symlinks=True)
-    set_settings(path, **FAST)
-    served = Served(path, base / "serve.log")
-    Served.started.remove(served)  # it outlives each test: stopped below, after the module
-    try:
-        served.endpoint()
-        yield served
-    finally:
-        if served.process.poll() is None:
-            served.stop()
-        served.process.wait(60)
+    yield from _module_server(template_home, tmp_path_factory, "fast", **FAST)
 
 
 @pytest.fixture(scope="module")
 def journal_server(template_home, tmp_path_factory):
     """As fast_server, on a journal home (storage = "journal"): `pgjob.optuna_storage()`
     there is Optuna's JournalStorage with its logs in the server."""
-    base = tmp_path_factory.mktemp("journal")
+    yield from _module_server(template_home, tmp_path_factory, "journal", storage="journal",
+                              **FAST)
+
+
+def _module_server(template_home, tmp_path_factory, name: str, **settings):
+    """A `pgjob serve` on a copy of the template home with `settings`, for a whole module."""
+    base = tmp_path_factory.mktemp(name)
     path = base / "home"
     shutil.copytree(template_home, path, symlinks=True)
-    set_settings(path, storage="journal", **FAST)
+    set_settings(path, **settings)
     served = Served(path, base / "serve.log")
-    Served.started.remove(served)
+    Served.started.remove(served)  # it outlives each test: stopped below, after the module
     try:
         served.endpoint()
         yield served

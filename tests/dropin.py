@@ -6,6 +6,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+# A worker process: `python script HOME STUDY TRIALS PAUSE` runs TRIALS trials of a cheap
+# objective that sleeps PAUSE seconds, through pgjob's storage of HOME.
+WORKER_SCRIPT = """
+import sys, time, optuna, pgjob
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+home, study_name, trials, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+study = optuna.create_study(storage=pgjob.optuna_storage(home, wait=120),
+                            study_name=study_name, load_if_exists=True)
+def objective(trial):
+    x = trial.suggest_float("x", -1, 1)
+    time.sleep(pause)
+    return x * x
+study.optimize(objective, n_trials=trials)
+print("worker finished", flush=True)
+"""
+
 
 def states(found, study: str) -> dict[str, int]:
     """How many trials of `study` are in each state."""

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 import pgjob
 from conftest import FAST, Served, pgjob_cmd, run_pgjob, set_settings
+from dropin import WORKER_SCRIPT
 from pgjob import dashboard, journal
 from pgjob.home import open_home
 from pgjob.journal import PgJournalBackend
@@ -35,21 +36,6 @@ from pgjob.waiting import until
 pytestmark = pytest.mark.pg
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-WORKER = """
-import sys, time, optuna, pgjob
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-home, name, trials, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-study = optuna.create_study(storage=pgjob.optuna_storage(home, wait=120), study_name=name,
-                            load_if_exists=True)
-def objective(trial):
-    x = trial.suggest_float("x", -1, 1)
-    time.sleep(pause)
-    return x * x
-study.optimize(objective, n_trials=trials)
-print("worker finished", flush=True)
-"""
-
 
 class JournalHome:
     """The module's served journal home, and a storage of the test's own to look with."""
@@ -106,7 +92,7 @@ def journal_home(template_home, tmp_path_factory):
 
 def start_worker(home: JournalHome, tmp_path, study: str, trials: int, pause: float):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER_SCRIPT)
     log = tmp_path / f"worker-{study}.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, str(script), str(home.path), study,

@@ -13,32 +13,19 @@ import psutil
 import pytest
 
 from conftest import Served, run_pgjob, trial_states as states
+from dropin import WORKER_SCRIPT
 from pgjob import endpoint, lease
 from pgjob.home import open_home
 from pgjob.waiting import until
 
 pytestmark = pytest.mark.pg
 
-WORKER = """
-import sys, time, optuna, pgjob
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-home, study_name, trials, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-study = optuna.create_study(storage=pgjob.optuna_storage(home, wait=120),
-                            study_name=study_name, load_if_exists=True)
-def objective(trial):
-    x = trial.suggest_float("x", -1, 1)
-    time.sleep(pause)
-    return x * x
-study.optimize(objective, n_trials=trials)
-print("worker finished", flush=True)
-"""
-
 FAST_HEARTBEATS = {"PGJOB_HEARTBEAT_INTERVAL": "1", "PGJOB_GRACE_PERIOD": "4"}
 
 
 def start_worker(home_path, tmp_path, study, trials, pause, env=None):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER_SCRIPT)
     log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen([sys.executable, str(script), str(home_path), study, str(trials),
                              str(pause)], stdout=log, stderr=subprocess.STDOUT,
