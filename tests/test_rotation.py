@@ -68,7 +68,7 @@ def test_rotation_into_read_only_secrets_fails_clearly_and_the_study_goes_on(ser
         secrets.chmod(0o700)
     assert (secrets / "app.pgpass").read_text() == old
     assert sorted(p.name for p in secrets.iterdir()) == sorted(
-        ["app.pgpass", "superuser.pgpass", "ca.crt", "ca.key"])
+        ["app.pgpass", "superuser.pgpass", "ca.crt", "ca.key", "journal.key"])
     _, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
 
