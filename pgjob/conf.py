@@ -89,7 +89,7 @@ class Access:
 def hba_name(name: str) -> str:
     """A database or role name as pg_hba.conf (and pgbouncer's hba file) take it literally:
     double-quoted, a quote inside doubled, so no keyword (all, replication, ...) or prefix
-    (+, @, /) applies. The name itself was checked where settings enter (home.Settings)."""
+    (+, @, /) applies. The name itself was checked where settings enter (settings.Settings)."""
     return '"' + name.replace('"', '""') + '"'
 
 

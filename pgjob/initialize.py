@@ -13,7 +13,8 @@ from psycopg import sql
 from . import binaries, conf, endpoint, lease, netinfo, passwords, signing, tls
 from .cluster import Server, initdb, private_socket_dir
 from .errors import UsageError
-from .home import Home, Settings, open_home
+from .home import Home, open_home
+from .settings import Settings, load as load_settings
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,6 @@ def _check_target(home: Home) -> None:
     if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
         raise UsageError(f"cannot create {path}: {parent} is not writable by you; "
                          "choose a --home under a directory you own (on the shared filesystem)")
-
-
-def merged_settings(home: Home, **options) -> Settings:
-    """The home's settings (pgjob.toml, PGJOB_<NAME>) with the options given on this
-    command line on top, all checked together by Settings.from_mapping."""
-    values, sources = home.raw_settings()
-    for name, value in options.items():
-        if value not in (None, ()):
-            values[name], sources[name] = value, "--" + name.replace("_", "-")
-    return Settings.from_mapping(values, sources)
 
 
 def write_server_conf(home: Home, settings: Settings, params: dict, networks: tuple[str, ...]):
@@ -172,9 +163,9 @@ def init(home_option, *, workers=None, port=None, database=None, user=None, allo
     home = open_home(home_option)
     _check_target(home)
     existed = home.is_home()
-    settings = merged_settings(home, workers=workers, port=port, database=database,
-                               user=user, allow=tuple(allow), run_as=run_as, pg_bin=pg_bin,
-                               storage=storage)
+    settings = load_settings(home.settings_file, workers=workers, port=port,
+                             database=database, user=user, allow=tuple(allow), run_as=run_as,
+                             pg_bin=pg_bin, storage=storage)
     if existed and (database or user) and (settings.database, settings.user) != (
             home.settings().database, home.settings().user):
         raise UsageError("--database and --user cannot change on an existing home; "

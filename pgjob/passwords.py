@@ -22,7 +22,8 @@ from psycopg import sql
 from . import endpoint
 from .cluster import connect
 from .errors import PgJobError, first_line
-from .home import Home, Settings, fsync_folder
+from .home import Home, fsync_folder
+from .settings import Settings
 
 # A pending file younger than this, whose password the server does not accept (yet), may
 # belong to a rotation under way right now (between writing it and ALTER ROLE), so it is

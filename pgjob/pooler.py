@@ -27,7 +27,8 @@ import psycopg
 from . import conf, netinfo, proc
 from .cluster import Server, log_tail
 from .errors import ServerFailed, UsageError
-from .home import Home, Settings
+from .home import Home
+from .settings import Settings
 from .initialize import allowed_networks
 from .waiting import until
 

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-from .home import Settings
+from .settings import Settings
 
 PREPARED = Path(__file__).with_name("optuna_schema.sql")
 PREPARED_REVISION = "v3.2.0.a"

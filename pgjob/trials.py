@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Mapping
 import psycopg
 
 from . import scheduler
-from .home import Home, Settings
+from .home import Home
+from .settings import Settings
 from .retries import KEEP
 from .schema import kind_of_studies, kinds_in_use
 

@@ -19,7 +19,8 @@ import pytest
 
 from conftest import Served, run_pgjob
 from pgjob import endpoint, lsf, pbs, scheduler, submit
-from pgjob.home import Home, Settings, open_home
+from pgjob.home import Home, open_home
+from pgjob.settings import Settings
 
 MB = 1024 * 1024
 STANDIN = """#!{python}

@@ -3,7 +3,8 @@ import pytest
 
 from pgjob import netinfo, scheduler
 from pgjob.errors import UsageError
-from pgjob.home import Home, Settings, resolve_path
+from pgjob.home import Home, resolve_path
+from pgjob.settings import Settings
 
 MB = 1024 * 1024
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from pgjob.home import Settings
+from pgjob.settings import Settings
 from pgjob.schema import socket_url
 
 AWKWARD = "it's 100% a b+c&d=e#f?g"

@@ -4,10 +4,14 @@ import logging
 
 import pytest
 
-from pgjob import conf, home, netinfo, pooler
+from pgjob import conf, netinfo, pooler, settings as settings_rules
 from pgjob.errors import UsageError
-from pgjob.home import Home, Settings
-from pgjob.initialize import merged_settings
+from pgjob.home import Home
+from pgjob.settings import Settings
+
+
+def merged_settings(target: Home, **options) -> Settings:
+    return settings_rules.load(target.settings_file, **options)
 
 try:
     import tomllib
@@ -155,12 +159,12 @@ def test_unknown_keys_are_ignored_with_one_warning(caplog):
 
 
 def test_a_setting_without_a_rule_is_still_type_checked():
-    check = home._by_default_type(90)
+    check = settings_rules._by_default_type(90)
     assert check("45", True) == 45
-    with pytest.raises(home.Refused):
+    with pytest.raises(settings_rules.Refused):
         check(True, False)
-    with pytest.raises(home.Refused):
-        home._by_default_type("")(["x"], False)
+    with pytest.raises(settings_rules.Refused):
+        settings_rules._by_default_type("")(["x"], False)
 
 
 # Where settings come from: the home's file, the environment, the command line.
