@@ -17,7 +17,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from . import proc
-from .errors import PgJobError, UsageError
+from .errors import PgJobError
 from .home import Home, fsync_folder
 from .tls import SSLMODE
 
@@ -33,7 +33,7 @@ def conninfo(home: Home, *, host: str, port: int) -> str:
     settings = home.settings()
     return make_conninfo(host=host, port=port, dbname=settings.database, user=settings.user,
                          passfile=str(home.app_passfile), sslmode=SSLMODE,
-                         sslrootcert=str(home.secrets / "ca.crt"))
+                         sslrootcert=str(home.ca_cert))
 
 
 def dump(home: Home, bindir: Path, *, host: str, port: int, out_dir: Path | None = None,
@@ -130,34 +130,6 @@ def restore(home: Home, bindir: Path, dump_file: Path, *, host: str, port: int) 
     proc.run([bindir / "pg_restore", "--no-owner", "--no-privileges", "--exit-on-error",
               f"--dbname={conninfo(home, host=host, port=port)}",
               str(dump_file)], timeout=3600, what=f"pg_restore of {dump_file} failed")
-
-
-def restore_new_home(dump_file: Path, home_option, **init_options) -> Home:
-    """A new home made by `pgjob init`, with the study database loaded from `dump_file`,
-    of the kind of storage (rdb or journal) whose studies the dump holds."""
-    from dataclasses import replace
-
-    from .home import resolve_path
-    from .initialize import init, temporary_server
-
-    dump_file = Path(dump_file).absolute()
-    if not dump_file.is_file():
-        raise UsageError(f"no backup file at {dump_file}")
-    target = resolve_path(home_option)
-    if target.exists() and any(target.iterdir()):
-        raise UsageError(f"{target} exists and is not empty: restore goes into a new home. "
-                         "Choose a --home that does not exist yet")
-    result = init(target, **init_options)  # an empty study database: the dump fills it
-    home, settings = result.home, result.settings
-    with temporary_server(home, settings, Path(settings.pg_bin)) as server:
-        restore(home, Path(settings.pg_bin), dump_file, host=str(server.socket_dir),
-                port=server.port)
-        with psycopg.connect(conninfo(home, host=str(server.socket_dir),
-                                      port=server.port), autocommit=True) as conn:
-            kind = adopt_restored(conn, home)
-    if kind != settings.storage:
-        home.save_settings(replace(settings, storage=kind))
-    return home
 
 
 def adopt_restored(conn: psycopg.Connection, home: Home) -> str:

@@ -122,7 +122,7 @@ def status(home, as_json) -> None:
 @click.option("--wait", default=0.0, metavar="SECONDS", help="Wait this long for the server to stop.")
 def stop(home, wait) -> None:
     """Ask the serving process to stop cleanly (works from any node that sees the home)."""
-    from .serve import request_stop
+    from .control import request_stop
 
     report = request_stop(open_home(home).path, wait)
     if wait and not report.stopped:
@@ -135,7 +135,7 @@ def stop(home, wait) -> None:
 def break_lease(home) -> None:
     """Release the lease of a server that is gone, when pgjob cannot prove it (a job killed
     on another node, a clock far ahead): a new serve may then start at once."""
-    from .serve import break_lease as do_break
+    from .control import break_lease as do_break
 
     click.echo(f"pgjob: {do_break(open_home(home).path)}")
 
@@ -178,7 +178,7 @@ def rotate_password(home) -> None:
 @click.option("--run-as", help="As for `pgjob init`.")
 def restore(dump_file, home, **options) -> None:
     """Make a new home (as `pgjob init` does) holding the studies of a backup."""
-    from .backup import restore_new_home
+    from .initialize import restore_new_home
 
     target = open_home(home, options["run_as"] or "", create=True).path
     made = restore_new_home(dump_file, target, **options)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,29 +58,32 @@ def connect(*, host: str, port: int, user: str, dbname: str, passfile: Path,
 
 
 @dataclass
-class Server:
+class Server(proc.ManagedProcess):
     """One postmaster that we started and own, reachable over its private Unix socket."""
 
     bindir: Path
     data: Path
-    log: Path
     socket_dir: Path
     port: int
     superuser: str
     passfile: Path
-    process: subprocess.Popen | None = None
+
+    def command(self) -> list:
+        return [self.bindir / "postgres", "-D", self.data]
+
+    def environment(self) -> dict[str, str]:
+        return C_ENV
 
     def start(self, timeout: float = 120) -> None:
-        self.process = proc.spawn([self.bindir / "postgres", "-D", self.data], log=self.log,
-                                  env=C_ENV)
+        self.spawn()
         if not until(self._ready_or_dead, timeout, interval=0.02):
             self.stop()
             raise CommandFailed(f"PostgreSQL did not accept connections within {timeout:.0f} s",
-                                argv=[str(self.bindir / "postgres"), "-D", str(self.data)],
+                                argv=[str(a) for a in self.command()],
                                 returncode=None, log_tail=log_tail(self.log))
         if not self.alive():
             raise ServerFailed(
-                f"PostgreSQL exited at start (exit code {self.process.returncode}); "
+                f"PostgreSQL exited at start (exit code {self.returncode}); "
                 f"see {self.log}", detail="server log (last lines):\n" + log_tail(self.log))
 
     def _ready_or_dead(self) -> bool:
@@ -92,9 +94,6 @@ class Server:
             return True
         except psycopg.OperationalError:
             return False
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def connect(self, dbname: str = "postgres", timeout: float = 5) -> psycopg.Connection:
         return connect(host=str(self.socket_dir), port=self.port, user=self.superuser,
@@ -117,25 +116,10 @@ class Server:
 
     def stop(self, fast_timeout: float = 60, immediate_timeout: float = 20) -> int | None:
         """Fast shutdown; immediate if that hangs (at once with fast_timeout=0); SIGKILL as
-        the last resort.
-
-        Returns the postmaster's exit code (None if it was not running).
-        """
-        if self.process is None:
-            return None
-        steps = ((signal.SIGINT, fast_timeout), (signal.SIGQUIT, immediate_timeout),
-                 (signal.SIGKILL, 30))
-        for sig, wait in steps if fast_timeout else steps[1:]:
-            if self.process.poll() is not None:
-                break
-            try:
-                self.process.send_signal(sig)
-                self.process.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
-        return self.process.poll()
+        the last resort. Returns the postmaster's exit code (None if it never ran)."""
+        ladder = [(signal.SIGINT, fast_timeout)] if fast_timeout else []
+        return self.stop_by(ladder + [(signal.SIGQUIT, immediate_timeout),
+                                      (signal.SIGKILL, 30)])
 
 
 SOCKET_PATH_MAX = 107  # sun_path, less the terminating NUL

@@ -12,11 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import binaries, endpoint, health
+from . import binaries, endpoint, health, proc
 from .cluster import cluster_state
 from .home import open_home
-from .initialize import init
-from .serve import request_stop
+from .control import request_stop
 
 STUDY = "pgjob-demo"
 
@@ -51,7 +50,8 @@ def run_demo(*, workers: int, trials: int, keep: bool, say: Callable[[str], None
     home_path = base / "home"
     serve_log = base / "serve.log"
     say(f"1. pgjob init --home {home_path} --allow 127.0.0.1/32")
-    init(home_path, allow=("127.0.0.1/32",), workers=max(workers, 4))
+    proc.run(_pgjob("init", "--home", str(home_path), "--allow", "127.0.0.1/32",
+                    "--workers", str(max(workers, 4))), timeout=300, what="pgjob init failed")
     say(f"   PostgreSQL from {binaries.find()}"
         + (f", running as {started_as_root_for} (pgjob runs as root)"
            if started_as_root_for else ""))

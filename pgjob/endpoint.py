@@ -101,7 +101,7 @@ def read(home: Home) -> Endpoint | None:
     # The secrets as this reader sees the home: right even if the home was moved or is
     # mounted elsewhere on this node.
     return dataclasses.replace(found, passfile=str(home.app_passfile),
-                               sslrootcert=str(home.secrets / "ca.crt"))
+                               sslrootcert=str(home.ca_cert))
 
 
 def last_generation(home: Home) -> int:

@@ -85,6 +85,16 @@ class Home:
     @property
     def superuser_passfile(self) -> Path: return self.secrets / "superuser.pgpass"
     @property
+    def ca_cert(self) -> Path: return self.secrets / "ca.crt"  # the home's own CA
+    @property
+    def ca_key(self) -> Path: return self.secrets / "ca.key"
+    @property
+    def server_cert(self) -> Path: return self.data / "server.crt"  # this node's, from the CA
+    @property
+    def server_key(self) -> Path: return self.data / "server.key"
+    @property
+    def server_cert_record(self) -> Path: return self.data / "server.crt.json"
+    @property
     def journal_key(self) -> Path: return self.secrets / "journal.key"  # signs snapshots
     @property
     def endpoint_file(self) -> Path: return self.path / "endpoint.json"
@@ -94,6 +104,8 @@ class Home:
     def stop_request(self) -> Path: return self.run / "stop-request"
     @property
     def server_log(self) -> Path: return self.logs / "postgresql.log"
+    @property
+    def pooler_log(self) -> Path: return self.logs / "pgbouncer.log"
     @property
     def submitted(self) -> Path: return self.run / "submitted.json"
     @property

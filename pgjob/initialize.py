@@ -1,19 +1,21 @@
-"""`pgjob init`: create an instance home, or check and repair an existing one."""
+"""Making a home: `pgjob init` (create one, or check and repair an existing one) and
+`pgjob restore` (a new home loaded from a backup). Only the CLI calls these; the server's
+configuration and the temporary server they work on belong to instance.py."""
 from __future__ import annotations
 
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
+import psycopg
 from psycopg import sql
 
-from . import binaries, conf, endpoint, lease, netinfo, passwords, signing, tls
-from .cluster import Server, initdb, private_socket_dir
+from . import backup, binaries, endpoint, instance, lease, passwords, signing, tls
+from .cluster import initdb
 from .errors import UsageError
-from .home import Home, open_home
+from .home import Home, open_home, resolve_path
+from .instance import temporary_server
 from .settings import Settings, load as load_settings
 
 
@@ -43,23 +45,6 @@ def _check_target(home: Home) -> None:
                          "choose a --home under a directory you own (on the shared filesystem)")
 
 
-def write_server_conf(home: Home, settings: Settings, params: dict, networks: tuple[str, ...]):
-    """pgjob.conf, the include line and our pg_hba block, inside the data directory."""
-    data = home.data
-    home.write(data / "pgjob.conf", conf.render_conf(params))
-    included = conf.ensure_include(data / "postgresql.conf")
-    if included is not None:
-        home.write(data / "postgresql.conf", included)
-    hba = data / "pg_hba.conf"
-    block = conf.hba_block(conf.Access(settings.database, settings.user,
-                                       settings.superuser, networks))
-    home.write(hba, conf.merge_hba(hba.read_text() if hba.exists() else None, block))
-
-
-def allowed_networks(settings: Settings) -> tuple[str, ...]:
-    return settings.allow or netinfo.networks()
-
-
 def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
     tls.ensure_ca(home)
     signing.ensure_key(home)
@@ -75,29 +60,8 @@ def _create_cluster(home: Home, settings: Settings, bindir: Path) -> None:
         pwfile.unlink(missing_ok=True)
     # initdb's own pg_hba defaults allow more than we promise: start from our block alone.
     (home.data / "pg_hba.conf").unlink()
-    write_server_conf(home, settings, conf.static_params(settings.workers),
-                      allowed_networks(settings))
+    instance.write_resting_conf(home, settings)
     _create_role_and_database(home, settings, bindir, app_password)
-
-
-@contextmanager
-def temporary_server(home: Home, settings: Settings, bindir: Path) -> Iterator[Server]:
-    """The home's server on a private Unix socket only, for set-up work (no TCP at all)."""
-    socket_dir = private_socket_dir()
-    server = Server(bindir=bindir, data=home.data, log=home.ensure_file(home.server_log),
-                    socket_dir=socket_dir, port=settings.port, superuser=settings.superuser,
-                    passfile=home.superuser_passfile)
-    home.write(home.data / "pgjob.conf", conf.render_conf(
-        {**conf.static_params(settings.workers), "port": settings.port,
-         "unix_socket_directories": str(socket_dir)}))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(socket_dir, ignore_errors=True)
-        home.write(home.data / "pgjob.conf",
-                   conf.render_conf(conf.static_params(settings.workers)))
 
 
 def _create_role_and_database(home: Home, settings: Settings, bindir: Path,
@@ -126,8 +90,7 @@ def _repair(home: Home, settings: Settings) -> None:
     signing.ensure_key(home)  # and before journals their snapshot key
     home.tighten()
     _finish_rotation(home, settings)
-    write_server_conf(home, settings, conf.static_params(settings.workers),
-                      allowed_networks(settings))
+    instance.write_resting_conf(home, settings)
 
 
 def _finish_rotation(home: Home, settings: Settings) -> None:
@@ -184,3 +147,26 @@ def init(home_option, *, workers=None, port=None, database=None, user=None, allo
         _create_cluster(home, settings, bindir)
     home.save_settings(settings)  # last: a home counts as made only once all of it is
     return InitResult(home=home, settings=settings, created=not existed)
+
+
+def restore_new_home(dump_file: Path, home_option, **init_options) -> Home:
+    """A new home made by `pgjob init`, with the study database loaded from `dump_file`,
+    of the kind of storage (rdb or journal) whose studies the dump holds."""
+    dump_file = Path(dump_file).absolute()
+    if not dump_file.is_file():
+        raise UsageError(f"no backup file at {dump_file}")
+    target = resolve_path(home_option)
+    if target.exists() and any(target.iterdir()):
+        raise UsageError(f"{target} exists and is not empty: restore goes into a new home. "
+                         "Choose a --home that does not exist yet")
+    result = init(target, **init_options)  # an empty study database: the dump fills it
+    home, settings = result.home, result.settings
+    with temporary_server(home, settings, Path(settings.pg_bin)) as server:
+        backup.restore(home, Path(settings.pg_bin), dump_file, host=str(server.socket_dir),
+                       port=server.port)
+        with psycopg.connect(backup.conninfo(home, host=str(server.socket_dir),
+                                             port=server.port), autocommit=True) as conn:
+            kind = backup.adopt_restored(conn, home)
+    if kind != settings.storage:
+        home.save_settings(replace(settings, storage=kind))
+    return home

@@ -41,6 +41,7 @@ import psutil
 from . import scheduler
 from .errors import AlreadyServing, LeaseLost, PgJobError
 from .home import Home, fsync_folder
+from .proc import same_process
 from .waiting import until
 
 log = logging.getLogger("pgjob.lease")
@@ -80,10 +81,7 @@ class Lease:
         """Whether the holder's process runs on this node; None when it ran elsewhere."""
         if self.node != scheduler.node_name():
             return None
-        try:
-            return psutil.Process(self.pid).create_time() == self.create_time
-        except psutil.Error:
-            return False
+        return same_process(self.pid, self.create_time)
 
     def holder_gone(self) -> bool:
         """True when the holder ran on this node and its process is gone: no need to wait."""

@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from .cluster import Server, log_tail
 from .errors import ServerFailed, UsageError
 from .home import Home
 from .settings import Settings
-from .initialize import allowed_networks
 from .waiting import until
 
 log = logging.getLogger("pgjob.pooler")
@@ -124,13 +122,14 @@ def render_userlist(user: str, verifier: str) -> str:
 
 
 @dataclass
-class Pooler:
+class Pooler(proc.ManagedProcess):
     """One pgbouncer that serve started and owns."""
 
     binary: Path
     workdir: Path
-    log: Path
-    process: subprocess.Popen | None = None
+
+    def command(self) -> list:
+        return [self.binary, self.workdir / "pgbouncer.ini"]
 
     def write(self, name: str, text: str) -> None:
         path = self.workdir / name
@@ -143,7 +142,7 @@ class Pooler:
         os.utime(path, (stamp, stamp))
 
     def start(self) -> None:
-        self.process = proc.spawn([self.binary, self.workdir / "pgbouncer.ini"], log=self.log)
+        self.spawn()
 
     def listening(self, address: str, port: int, timeout: float = 15) -> bool:
         """Wait until pgbouncer accepts connections; False when it exits first."""
@@ -157,27 +156,17 @@ class Pooler:
                 return False
         return bool(until(ready, timeout, interval=0.02)) and self.alive()
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def failed(self, what: str) -> ServerFailed:
         return ServerFailed(f"pgbouncer {what}; see {self.log}",
                             detail="pgbouncer log (last lines):\n" + log_tail(self.log))
 
     def reload(self) -> None:
         """Re-read the user list (after `pgjob rotate-password`)."""
-        if self.alive():
-            self.process.send_signal(signal.SIGHUP)
+        self.send(signal.SIGHUP)
 
     def stop(self, timeout: float = 10) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(signal.SIGTERM)  # immediate: serve stops clients anyway
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        # SIGTERM is pgbouncer's immediate shutdown: serve stops the clients anyway.
+        self.stop_by([(signal.SIGTERM, timeout), (signal.SIGKILL, 30)])
 
 
 @dataclass
@@ -190,6 +179,7 @@ class Front:
     settings: Settings
     address: str
     server: Server  # PostgreSQL behind it, on serve's private socket
+    networks: tuple[str, ...]  # whose clients it lets in (the same as pg_hba's)
     port: int = 0
     passfile_mtime: float = 0.0
 
@@ -211,10 +201,10 @@ class Front:
         home, settings, workdir = self.home, self.settings, self.pool.workdir
         self.pool.write("pgbouncer.ini", render_ini(
             listen=self.address, port=port, pg_socket_dir=workdir, pg_port=self.server.port,
-            database=settings.database, workdir=workdir, cert=home.data / "server.crt",
-            key=home.data / "server.key", max_clients=2 * settings.workers + 10))
+            database=settings.database, workdir=workdir, cert=home.server_cert,
+            key=home.server_key, max_clients=2 * settings.workers + 10))
         self.pool.write("hba.conf", render_hba(settings.database, settings.user,
-                                               allowed_networks(settings)))
+                                               self.networks))
         self._write_userlist()
 
     def _write_userlist(self) -> bool:
@@ -239,7 +229,7 @@ class Front:
         True when it now listens on another port (the endpoint must be published again)."""
         if not self.pool.alive():
             log.warning("pgbouncer exited (code %s); restarting it (see %s)",
-                        self.pool.process.returncode, self.pool.log)
+                        self.pool.returncode, self.pool.log)
             before = self.port
             self.launch(before)
             return self.port != before

@@ -1,4 +1,4 @@
-"""The one wrapper through which pgjob runs external programs.
+"""The one wrapper through which pgjob runs external programs, and owns the long-running ones.
 
 argv lists only, never a shell; always a timeout; output captured; failures raise
 CommandFailed carrying the command, exit code, output and, when given, the server log's tail.
@@ -8,8 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Sequence
+
+import psutil
 
 from .errors import CommandFailed
 
@@ -84,3 +87,62 @@ def spawn(argv: list[str], *, log: Path, env: dict[str, str] | None = None) -> s
     except OSError as exc:
         raise CommandFailed(f"could not start {argv[0]}: {exc.strerror}", argv=argv,
                             returncode=None) from None
+
+
+@dataclass
+class ManagedProcess:
+    """One long-running child that pgjob started and owns (the postmaster, pgbouncer):
+    spawned to die with pgjob, asked whether it still runs, and stopped by a ladder of
+    signals, each given its time to work before the next. Subclasses say what to run."""
+
+    log: Path  # the child's output is appended here
+    process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    def command(self) -> list:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str] | None:
+        return None  # this process's own
+
+    def spawn(self) -> None:
+        self.process = spawn(self.command(), log=self.log, env=self.environment())
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def send(self, sig: int) -> None:
+        if self.alive():
+            try:
+                self.process.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def stop_by(self, ladder: Sequence[tuple[int, float]]) -> int | None:
+        """Send each (signal, seconds) in turn until the child has exited; its exit code,
+        or None when it never ran."""
+        if self.process is None:
+            return None
+        for sig, wait in ladder:
+            if self.process.poll() is not None:
+                break
+            try:
+                self.process.send_signal(sig)
+                self.process.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
+        return self.process.poll()
+
+
+def same_process(pid: object, create_time: object) -> bool:
+    """Whether the process `pid` on this node is the one that started at `create_time`
+    (a pid alone may have been reused by another process since)."""
+    try:
+        return psutil.Process(pid).create_time() == create_time
+    except (TypeError, ValueError, OverflowError, psutil.Error):
+        return False

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import json
 import socket
 import time
 from pathlib import Path
@@ -46,16 +45,12 @@ def _name(text: str):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
 
 
-def ca_paths(home: Home) -> tuple[Path, Path]:
-    return home.secrets / "ca.crt", home.secrets / "ca.key"
-
-
 def ensure_ca(home: Home) -> Path:
     """The instance's CA certificate, made once (key and certificate 0600 in secrets/)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
-    cert_path, key_path = ca_paths(home)
+    cert_path, key_path = home.ca_cert, home.ca_key
     if cert_path.is_file() and key_path.is_file():
         return cert_path
     key = _key()
@@ -82,7 +77,7 @@ def issue_server_cert(home: Home, *, address: str, node: str) -> tuple[str, str]
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    cert_path, key_path = ca_paths(home)
+    cert_path, key_path = home.ca_cert, home.ca_key
     ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     ca_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     names = {node, socket.gethostname(), socket.getfqdn()} - {""}
@@ -104,7 +99,7 @@ def issue_server_cert(home: Home, *, address: str, node: str) -> tuple[str, str]
 
 
 def _issued_for(home: Home, address: str, node: str) -> dict:
-    ca_text = ca_paths(home)[0].read_bytes()
+    ca_text = home.ca_cert.read_bytes()
     return {"address": address, "node": node, "ca": hashlib.sha256(ca_text).hexdigest()}
 
 
@@ -115,19 +110,15 @@ def install_server_cert(home: Home, *, address: str, node: str) -> dict[str, obj
     more, is kept: a restart on the same node does not pay for a new key (nor for
     importing the crypto library, a good part of serve's start-up time).
     """
-    record = home.data / "server.crt.json"
     wanted = _issued_for(home, address, node)
-    try:
-        issued = json.loads(record.read_text())
-        fresh = issued.pop("not_after", 0) > time.time() + 30 * 86400
-        reuse = fresh and issued == wanted and (home.data / "server.key").is_file()
-    except (OSError, ValueError, AttributeError):
-        reuse = False
-    if not reuse:
+    issued = home.read_record(home.server_cert_record)
+    fresh = issued.pop("not_after", 0) > time.time() + 30 * 86400
+    if not (fresh and issued == wanted and home.server_key.is_file()):
         cert, key = issue_server_cert(home, address=address, node=node)
-        home.write(home.data / "server.crt", cert)
-        home.write(home.data / "server.key", key)
-        home.write(record, json.dumps(
-            {**wanted, "not_after": time.time() + SERVER_DAYS * 86400 - 600}) + "\n")
-    return {"ssl": True, "ssl_cert_file": "server.crt", "ssl_key_file": "server.key",
+        home.write(home.server_cert, cert)
+        home.write(home.server_key, key)
+        home.write_record(home.server_cert_record,
+                          {**wanted, "not_after": time.time() + SERVER_DAYS * 86400 - 600})
+    return {"ssl": True, "ssl_cert_file": home.server_cert.name,
+            "ssl_key_file": home.server_key.name,
             "ssl_min_protocol_version": "TLSv1.2"}

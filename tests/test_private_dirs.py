@@ -5,7 +5,8 @@ import os
 import pytest
 
 from pgjob import scheduler
-from pgjob.serve import PRIVATE_MARK, mark_private_dir, own_record, remove_stale_private_dirs
+from pgjob.control import own_record
+from pgjob.instance import PRIVATE_MARK, mark_private_dir, remove_stale_private_dirs
 
 UID = os.geteuid()
 
