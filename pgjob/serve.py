@@ -22,7 +22,8 @@ from typing import Callable
 import psutil
 
 from . import (backup, binaries, conf, endpoint, lease, netinfo, passwords, pooler,
-               scheduler, submit, tls)
+               submit, tls)
+from . import schedulers as scheduler  # the registry; serve asks it as `scheduler`
 from .cluster import Server, cluster_state, connect, log_tail, private_socket_dir
 from .endpoint import Endpoint
 from .errors import AlreadyServing, LeaseExpired, LeaseLost, PgJobError, ServerFailed
@@ -318,13 +319,11 @@ class Serve:
 
     def _start_chain(self) -> None:
         """With --renew in a batch job: queue the job that takes over when this one ends."""
-        queued = scheduler.query(self.job.scheduler, self.job.job_id)
-        if queued is not None and queued.time_left is not None:
-            self.job_end = time.time() + queued.time_left
+        self.job_end = self.job.end_time
         self._schedule_own_stop()
         if not self.renew:
             return
-        if self.job.scheduler not in submit.SUBMIT or not self.job.job_id:
+        if not scheduler.get(self.job.scheduler).submit_command or not self.job.job_id:
             log.warning("--renew needs a Slurm, PBS or LSF job; serving without renewal")
             return
         successor = submit.submit_successor(self.home, self.job.job_id, self.job.scheduler)
