@@ -72,7 +72,10 @@ def successor_argv(home: Home, job_id: str, shown: dict[str, str]) -> list[str]:
     if shown.get("NumCPUs", "").isdigit():
         argv.append(f"--cpus-per-task={shown['NumCPUs']}")
     if shown.get("StdOut"):
-        argv.append(f"--output={shown['StdOut'].replace(job_id, '%j')}")
+        # Slurm shows the log with %j filled in: put it back in the file's name only, as
+        # the folders may hold the same digits (/tmp/run-6/serve-6.out for job 6).
+        log = Path(shown["StdOut"])
+        argv.append(f"--output={log.with_name(log.name.replace(job_id, '%j'))}")
     argv += [shown["Command"], str(home.path)]
     return argv
 

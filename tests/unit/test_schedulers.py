@@ -251,6 +251,11 @@ def test_a_slurm_successor_keeps_the_job_s_resources_and_waits_for_it(home):
     assert argv[-2:] == ["/work/pgjob-serve.sh", str(home.path)]
 
 
+def test_a_slurm_successor_s_log_keeps_folders_that_hold_the_job_s_digits(home):
+    shown = {"StdOut": "/tmp/pytest-6/run6/serve-6.out", "Command": "/s.sh"}
+    assert "--output=/tmp/pytest-6/run6/serve-%j.out" in slurm.successor_argv(home, "6", shown)
+
+
 def test_a_pbs_successor_keeps_pbs_pro_s_select_or_torque_s_nodes_never_both():
     exports = {"PGJOB_HOME": "/h"}
     pro = {"Job_Name": "pgjob-serve", "queue": "workq", "Resource_List.walltime": "01:00:00",
