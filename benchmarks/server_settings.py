@@ -14,7 +14,7 @@ storage is the same and only the server differs; loopback, no TLS).
 from __future__ import annotations
 
 from common import DefaultServer, median, percentiles, scratch
-from pgjob import conf, scheduler
+from pgjob import conf, schedulers
 from throughput import one_run
 
 WAL = {"wal_compression": "on", "max_wal_size": "4GB", "checkpoint_timeout": "15min"}
@@ -22,7 +22,7 @@ WAL = {"wal_compression": "on", "max_wal_size": "4GB", "checkpoint_timeout": "15
 
 def configurations() -> dict[str, dict[str, str]]:
     computed = {k: str(v) for k, v in
-                conf.memory_params(scheduler.current().memory_bytes).items()}
+                conf.memory_params(schedulers.current().memory_bytes).items()}
     return {"initdb defaults": {}, "pgjob": computed,
             "pgjob + synchronous_commit=off": {**computed, "synchronous_commit": "off"},
             "pgjob + WAL settings": {**computed, **WAL}}

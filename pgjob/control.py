@@ -20,7 +20,7 @@ from . import endpoint, lease
 from .proc import same_process
 from .errors import AlreadyServing
 from .home import Home, open_home
-from .scheduler import node_name
+from .schedulers import node_name
 from .waiting import until
 
 

@@ -1,14 +1,13 @@
 """The checks behind `pgjob status`: what a person or a script needs to know at a glance."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
 import psutil
 import psycopg
 
-from . import endpoint, scheduler
+from . import endpoint, schedulers
 from .errors import first_line
 from .home import Home
 from .schema import kind_of_studies, kinds_in_use
@@ -226,12 +225,11 @@ def _job(status: Status, home: Home, published) -> None:
     if published is not None:
         scheduler_name, job_id = published.scheduler, published.job_id
     else:
-        try:
-            record = json.loads(home.submitted.read_text())
-            scheduler_name, job_id = record["scheduler"], record["job_id"]
-        except (OSError, ValueError, KeyError):
+        record = home.read_record(home.submitted)
+        if "scheduler" not in record or "job_id" not in record:
             return
-    queued = scheduler.query(scheduler_name, job_id)
+        scheduler_name, job_id = record["scheduler"], record["job_id"]
+    queued = schedulers.query(scheduler_name, job_id)
     if queued is not None:
         status.facts.update(job_id=job_id, job_state=queued.state,
                             time_left_seconds=queued.time_left)

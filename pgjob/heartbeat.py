@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 
-from . import scheduler
+from . import schedulers
 from .errors import first_line
 
 log = logging.getLogger("pgjob.heartbeat")
@@ -68,10 +68,10 @@ on conflict (trial_id) do update
 def this_job() -> str:
     """The batch job this process runs in, as 'slurm:1234' (the server asks the scheduler
     about it), or '' outside any job."""
-    name = scheduler.detect()
+    name = schedulers.detect()
     if name == "none":
         return ""
-    return f"{name}:{os.environ.get(scheduler.TABLES[name].job_id, '')}"
+    return f"{name}:{schedulers.get(name).job_id(os.environ)}"
 
 
 def this_worker() -> str:

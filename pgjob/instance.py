@@ -29,7 +29,7 @@ from .cluster import Server, connect, private_socket_dir
 from .endpoint import Endpoint
 from .errors import AlreadyServing, ServerFailed
 from .home import Home
-from .scheduler import Job, node_name
+from .schedulers import Job, node_name
 from .settings import Settings
 
 BIND_FAILED = "could not create any TCP/IP sockets"

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from . import scheduler
+from . import schedulers
 from .errors import AlreadyServing, LeaseLost, PgJobError
 from .home import Home, fsync_folder
 from .proc import same_process
@@ -79,7 +79,7 @@ class Lease:
 
     def _holder_runs_here(self) -> bool | None:
         """Whether the holder's process runs on this node; None when it ran elsewhere."""
-        if self.node != scheduler.node_name():
+        if self.node != schedulers.node_name():
             return None
         return same_process(self.pid, self.create_time)
 
@@ -313,7 +313,7 @@ def acquire(home: Home, job_id: str, ttl: float = TTL,
     current, why = found
     before_taking()
     me = psutil.Process()
-    mine = Lease(token=secrets.token_hex(16), node=scheduler.node_name(), job_id=job_id,
+    mine = Lease(token=secrets.token_hex(16), node=schedulers.node_name(), job_id=job_id,
                  pid=me.pid, create_time=me.create_time(), generation=current.generation + 1,
                  renewed_at=time.time(), ttl=ttl)
     try:
@@ -413,7 +413,7 @@ def break_held(home: Home) -> str:
                              f"({describe_current(home)}): a serve holds it; stop it with "
                              "`pgjob stop` instead")
     me = psutil.Process()
-    broken = Lease(token=BROKEN + secrets.token_hex(8), node=scheduler.node_name(),
+    broken = Lease(token=BROKEN + secrets.token_hex(8), node=schedulers.node_name(),
                    job_id="", pid=me.pid, create_time=me.create_time(),
                    generation=current.generation + 1, renewed_at=time.time(),
                    released=True)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import (backup, binaries, control, endpoint, instance, lease, netinfo, passwords,
-               pooler, scheduler, submit)
+               pooler, schedulers, submit)
 from .cluster import cluster_state, log_tail, private_socket_dir
 from .errors import LeaseExpired, LeaseLost, PgJobError, ServerFailed
 from .home import Home, open_home
 from .instance import Instance
-from .scheduler import Job
+from .schedulers import Job
 from .schema import socket_url
 from .settings import Settings
 from .trials import StaleTrialSweeper, refresh_heartbeats
@@ -138,7 +138,7 @@ class Serve:
         pooler_bin = pooler.require() if pooler.wanted(settings.pooler) else None
         address = netinfo.address(self.host, self.interface)  # refused before the lease
         control.refuse_second_serve(home)
-        self.job = job = scheduler.current()
+        self.job = job = schedulers.current()
         self._install_signals()
         held = lease.acquire(home, job.job_id, ttl=settings.lease_ttl,
                              before_taking=lambda: control.refuse_second_serve(home))
@@ -190,13 +190,11 @@ class Serve:
 
     def _start_chain(self) -> None:
         """With --renew in a batch job: queue the job that takes over when this one ends."""
-        queued = scheduler.query(self.job.scheduler, self.job.job_id)
-        if queued is not None and queued.time_left is not None:
-            self.job_end = time.time() + queued.time_left
+        self.job_end = self.job.end_time
         self._schedule_own_stop()
         if not self.renew:
             return
-        if self.job.scheduler not in submit.SUBMIT or not self.job.job_id:
+        if not schedulers.get(self.job.scheduler).submit_command or not self.job.job_id:
             log.warning("--renew needs a Slurm, PBS or LSF job; serving without renewal")
             return
         successor = submit.submit_successor(self.home, self.job.job_id, self.job.scheduler)

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 
 import psycopg
 
-from . import scheduler
+from . import schedulers
 from .home import Home
 from .settings import Settings
 from .retries import KEEP
@@ -60,9 +60,9 @@ def refresh_heartbeats(conn: psycopg.Connection) -> int:
     return sum(conn.execute(statement).rowcount for statement in statements)
 
 
-# Job states in which the worker's process may still run its trial (Slurm's names; pbs.py
-# and lsf.py translate theirs). Any other state (COMPLETED, FAILED, CANCELLED, TIMEOUT,
-# NODE_FAIL, PREEMPTED, PENDING again after a requeue) means the worker is gone. UNKNOWN
+# Job states in which the worker's process may still run its trial (Slurm's names; the
+# PBS and LSF schedulers translate theirs). Any other state (COMPLETED, FAILED, CANCELLED,
+# TIMEOUT, NODE_FAIL, PREEMPTED, PENDING again after a requeue) means the worker is gone. UNKNOWN
 # (the scheduler forgot the job, or could not be asked) tells nothing: the heartbeat judges.
 ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "STOPPED", "CONFIGURING", "RESIZING",
                           "SIGNALING"})
@@ -99,7 +99,7 @@ def job_state(job: str) -> str | None:
     if not JOB_ID.fullmatch(job_id):
         return None
     try:
-        queued = scheduler.query(name, job_id)
+        queued = schedulers.query(name, job_id)
     except Exception as exc:  # squeue missing on this node, a timeout: judge by heartbeat
         log.debug("could not ask %s about job %s: %s", name, job_id, exc)
         return None

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Served, run_pgjob
-from pgjob import endpoint, lsf, pbs, scheduler, submit
+from pgjob import endpoint, schedulers, submit
 from pgjob.home import Home, open_home
 from pgjob.settings import Settings
 
@@ -111,7 +111,7 @@ def bare_home(path: Path) -> Home:
 def test_a_pbs_job_knows_its_node_memory_and_end_from_qstat(standins, tmp_path):
     started = time.time() - 600
     standins.add("qstat", qstat_f("1234.pbs1", started))
-    job = scheduler.current(pbs_env(tmp_path))
+    job = schedulers.current(pbs_env(tmp_path))
     assert (job.scheduler, job.job_id, job.node) == ("pbs", "1234.pbs1", "node7")
     assert job.memory_bytes <= 2048 * MB
     assert job.end_time == pytest.approx(int(started) + 3600, abs=2)
@@ -119,49 +119,21 @@ def test_a_pbs_job_knows_its_node_memory_and_end_from_qstat(standins, tmp_path):
     assert standins.calls("qstat")[0]["argv"] == ["-f", "1234.pbs1"]
 
 
-def test_torque_qstat_without_stime_uses_its_own_remaining_walltime():
-    torque = ("Job Id: 548.moab\n    job_state = R\n    exec_host = n003/0-1\n"
-              "    Resource_List.walltime = 01:00:00\n    Walltime.Remaining = 3593\n")
-    assert pbs.state_of(pbs.parse_qstat(torque)) == scheduler.QueueState(
-        "RUNNING", 3593, "n003", None)
-    used = ("Job Id: 9.srv\n    job_state = R\n    Resource_List.walltime = 100:00:00\n"
-            "    resources_used.walltime = 99:30:00\n")
-    assert pbs.state_of(pbs.parse_qstat(used)).time_left == 1800
-
-
-@pytest.mark.parametrize("text,size", [("4gb", 4 * 2**30), ("2048mb", 2**31),
-                                       ("1048576kb", 2**30), ("512", 512), ("lots", None)])
-def test_pbs_sizes(text, size):
-    assert pbs.parse_size(text) == size
-
-
 def test_a_job_pbs_has_forgotten_is_unknown(standins):
     standins.add("qstat", "qstat: Unknown Job Id 77.pbs1\n", code=153)
-    assert scheduler.query("pbs", "77.pbs1") == scheduler.QueueState("UNKNOWN", None, "")
+    assert schedulers.query("pbs", "77.pbs1") == schedulers.QueueState("UNKNOWN", None, "")
 
 
 def test_an_lsf_job_knows_its_host_and_end_from_bjobs(standins):
     standins.add("bjobs", "RUN|2*hostA:2*hostB|01:00:00 L\n")
-    job = scheduler.current({"LSB_JOBID": "4242", "LSB_HOSTS": "hostA hostA hostB",
-                             "LSB_MCPU_HOSTS": "hostA 2 hostB 2"})
+    job = schedulers.current({"LSB_JOBID": "4242", "LSB_HOSTS": "hostA hostA hostB",
+                              "LSB_MCPU_HOSTS": "hostA 2 hostB 2"})
     assert (job.scheduler, job.job_id, job.node) == ("lsf", "4242", "hostA")
     assert job.end_time == pytest.approx(time.time() + 3600, abs=5)
     assert job.warned_before_end  # the job script asks for SIGUSR1 (bsub -wa/-wt)
     argv = standins.calls("bjobs")[0]["argv"]
     assert argv[-1] == "4242" and "time_left" in argv[argv.index("-o") + 1]
-    assert scheduler.query("lsf", "4242") == scheduler.QueueState("RUNNING", 3600, "hostA")
-
-
-@pytest.mark.parametrize("text,seconds", [("01:02:03 L", 3723), ("0:05 L", 300),
-                                          ("-", None), ("", None)])
-def test_lsf_time_left(text, seconds):
-    assert lsf.parse_time_left(text) == seconds
-
-
-def test_slurm_stays_warned_and_env_only():
-    job = scheduler.current({"SLURM_JOB_ID": "5", "SLURMD_NODENAME": "c1",
-                             "SLURM_JOB_END_TIME": "2000"})
-    assert job.warned_before_end and job.end_time == 2000 and job.node == "c1"
+    assert schedulers.query("lsf", "4242") == schedulers.QueueState("RUNNING", 3600, "hostA")
 
 
 def test_pgjob_submit_with_qsub_passes_the_home_and_script(standins, tmp_path):

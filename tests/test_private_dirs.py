@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pgjob import scheduler
+from pgjob import schedulers
 from pgjob.control import own_record
 from pgjob.instance import PRIVATE_MARK, mark_private_dir, remove_stale_private_dirs
 
@@ -24,7 +24,7 @@ def _private(base, name, record=None, mode=0o700):
 def test_only_dirs_proven_ours_and_dead_are_removed(tmp_path):
     base = tmp_path / "tmp"
     base.mkdir()
-    node = scheduler.node_name()
+    node = schedulers.node_name()
     dead = {"node": node, "pid": os.getpid(), "create_time": 1.0}  # that process is gone
     gone = _private(base, "gone", dead)
     live = _private(base, "live", own_record())

@@ -1,12 +1,11 @@
-"""pgjob's own settings and what the scheduler tells a job: pure logic, no server."""
+"""pgjob's own settings and this node's address: pure logic, no server. (What the scheduler
+tells a job is in tests/unit/test_schedulers.py.)"""
 import pytest
 
-from pgjob import netinfo, scheduler
+from pgjob import netinfo
 from pgjob.errors import UsageError
 from pgjob.home import Home, resolve_path
 from pgjob.settings import Settings
-
-MB = 1024 * 1024
 
 
 def test_settings_round_trip_through_toml(tmp_path):
@@ -43,46 +42,6 @@ def test_home_comes_from_option_then_environment_then_default(monkeypatch, tmp_p
     assert resolve_path(None) == tmp_path / ".pgjob" / "default"
 
 
-def test_slurm_job_memory_per_node_and_per_cpu():
-    job = scheduler.current({"SLURM_JOB_ID": "42", "SLURMD_NODENAME": "c17",
-                             "SLURM_MEM_PER_NODE": "2048"})
-    assert (job.scheduler, job.job_id, job.node) == ("slurm", "42", "c17")
-    assert job.memory_bytes == 2048 * MB
-    job = scheduler.current({"SLURM_JOB_ID": "43", "SLURM_MEM_PER_CPU": "500",
-                             "SLURM_CPUS_ON_NODE": "4"})
-    assert job.memory_bytes == 2000 * MB
-
-
-def test_outside_a_scheduler_the_machine_memory_is_the_bound():
-    job = scheduler.current({})
-    assert job.scheduler == "none" and job.job_id == ""
-    assert job.memory_bytes > 0 and job.end_time is None
-
-
-def test_other_schedulers_are_detected():
-    assert scheduler.detect({"PBS_JOBID": "7.pbs"}) == "pbs"
-    assert scheduler.detect({"LSB_JOBID": "9"}) == "lsf"
-
-
-def test_time_left_from_the_job_end():
-    job = scheduler.current({"SLURM_JOB_ID": "1", "SLURM_JOB_END_TIME": "1000"})
-    assert job.time_left(now=400) == 600
-
-
-def test_cgroup_v2_and_v1_limits(tmp_path):
-    root = tmp_path / "cg"
-    (root / "job").mkdir(parents=True)
-    (root / "job" / "memory.max").write_text("1073741824\n")
-    v2 = tmp_path / "v2"
-    v2.write_text("0::/job\n")
-    assert scheduler.cgroup_memory(v2, root) == 1024 * MB
-    (root / "memory" / "slurm").mkdir(parents=True)
-    (root / "memory" / "slurm" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    v1 = tmp_path / "v1"
-    v1.write_text("4:memory:/slurm\n1:cpu:/\n")
-    assert scheduler.cgroup_memory(v1, root) is None  # "unlimited"
-
-
 def test_published_address_is_never_loopback_when_a_network_exists():
     assert netinfo.address(host="10.9.9.9") == "10.9.9.9"
     nets = netinfo.networks()
@@ -94,10 +53,3 @@ def test_published_address_is_never_loopback_when_a_network_exists():
 def test_unknown_interface_lists_the_real_ones():
     with pytest.raises(UsageError, match="no such interface"):
         netinfo.address(interface="nosuch0")
-
-
-@pytest.mark.parametrize("text,seconds", [("1-02:03:04", 93784), ("02:03:04", 7384),
-                                          ("03:04", 184), ("UNLIMITED", None),
-                                          ("NOT_SET", None)])
-def test_slurm_time_left_is_parsed(text, seconds):
-    assert scheduler.parse_slurm_duration(text) == seconds

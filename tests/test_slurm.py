@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import run_pgjob, trial_states
-from pgjob import binaries, endpoint, scheduler
+from pgjob import binaries, endpoint, schedulers
 from pgjob.cluster import cluster_state
 from pgjob.home import open_home
 from pgjob.initialize import init
@@ -49,8 +49,8 @@ class Slurm:
         self.jobs.append(job)
         return job
 
-    def state(self, job: str) -> scheduler.QueueState:
-        return scheduler.query("slurm", job)
+    def state(self, job: str) -> schedulers.QueueState:
+        return schedulers.query("slurm", job)
 
     def wait_state(self, job: str, states: set[str], timeout: float) -> str:
         got = until(lambda: (s := self.state(job).state) in states and s, timeout, 0.5)

@@ -7,7 +7,7 @@ import time
 import psutil
 import pytest
 
-from pgjob import lease, scheduler
+from pgjob import lease, schedulers
 from pgjob.errors import AlreadyServing, LeaseLost
 from pgjob.home import Home
 from pgjob.waiting import until
@@ -254,7 +254,7 @@ def test_lease_files_are_private(home):
 
 def test_an_unrenewed_lease_whose_holder_runs_on_this_node_is_never_taken(home, quick):
     me = psutil.Process()
-    lease._create(home, lease.Lease(token="stalled", node=scheduler.node_name(), job_id="",
+    lease._create(home, lease.Lease(token="stalled", node=schedulers.node_name(), job_id="",
                                     pid=me.pid, create_time=me.create_time(), generation=2,
                                     renewed_at=time.time(), ttl=0.3))
     with pytest.raises(AlreadyServing, match="still runs on this node"):

@@ -4,7 +4,7 @@ which kind of trials a sweep judges."""
 import pytest
 
 from pgjob import trials
-from pgjob.scheduler import QueueState
+from pgjob.schedulers import QueueState
 from pgjob.schema import kind_of_studies
 from pgjob.trials import Declared, is_dead, split_beats
 
@@ -32,21 +32,21 @@ def test_without_a_job_the_grace_period_decides():
 
 def test_a_scheduler_that_cannot_tell_leaves_it_to_the_heartbeat(monkeypatch):
     """UNKNOWN (forgotten, or slurmctld down) must not fail every trial at once.
-    (scheduler.query is replaced: the answer, not squeue, is what is under test.)"""
-    monkeypatch.setattr(trials.scheduler, "query",
+    (schedulers.query is replaced: the answer, not squeue, is what is under test.)"""
+    monkeypatch.setattr(trials.schedulers, "query",
                         lambda name, job_id: QueueState("UNKNOWN", None, ""))
     assert trials.job_state("slurm:7") is None
 
     def broken(name, job_id):
         raise FileNotFoundError("squeue")
-    monkeypatch.setattr(trials.scheduler, "query", broken)
+    monkeypatch.setattr(trials.schedulers, "query", broken)
     assert trials.job_state("slurm:7") is None
     assert trials.job_state("") is None
 
 
 def test_a_job_id_that_looks_like_an_option_is_never_handed_to_the_scheduler(monkeypatch):
     asked = []
-    monkeypatch.setattr(trials.scheduler, "query",
+    monkeypatch.setattr(trials.schedulers, "query",
                         lambda name, job_id: asked.append(job_id) or QueueState("RUNNING", 1, ""))
     assert trials.job_state("pbs:-x --help") is None
     assert trials.job_state("slurm:12 34") is None

@@ -1,4 +1,5 @@
-"""IBM Spectrum LSF: what `bjobs` says about a job, and its successor's bsub.
+"""IBM Spectrum LSF: what `bjobs` says about a job, bsub for the serve job and its
+successor, bkill.
 
 An LSF job's environment names the job (LSB_JOBID), its hosts (LSB_HOSTS), queue
 (LSB_QUEUE) and name (LSB_JOBNAME), but not its end:
@@ -10,10 +11,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import proc
-from .errors import CommandFailed
-from .scheduler import QueueState
+from .. import proc
+from ..errors import CommandFailed
+from .base import Env, QueueState, Scheduler, Table, exports
+
+if TYPE_CHECKING:
+    from ..home import Home
+
+# LSB_HOSTS names a host once per slot, this one first; LSB_MCPU_HOSTS ("hostA 2 hostB 2")
+# where LSB_HOSTS would be too long.
+TABLE = Table("LSB_JOBID", "LSB_JOBID", node_vars=("LSB_HOSTS", "LSB_MCPU_HOSTS"))
 
 STATES = {"PEND": "PENDING", "RUN": "RUNNING", "DONE": "COMPLETED", "EXIT": "FAILED",
           "PSUSP": "SUSPENDED", "USUSP": "SUSPENDED", "SSUSP": "SUSPENDED",
@@ -47,13 +56,6 @@ def parse_bjobs(text: str) -> QueueState:
     return QueueState("UNKNOWN", None, "")  # "Job <ID> is not found"
 
 
-def query(job_id: str) -> QueueState:
-    try:
-        return parse_bjobs(proc.run([*BJOBS, job_id], timeout=20, what="bjobs failed"))
-    except CommandFailed:  # bjobs exits non-zero for a job it no longer knows
-        return QueueState("UNKNOWN", None, "")
-
-
 def job_id_from(output: str) -> str:
     """The id in bsub's answer "Job <1234> is submitted to queue <normal>."."""
     found = SUBMITTED.search(output)
@@ -63,7 +65,7 @@ def job_id_from(output: str) -> str:
     return found.group(1)
 
 
-def successor_argv(job_id: str, logs: Path, env: dict[str, str] | None = None) -> list[str]:
+def successor_argv(job_id: str, logs: Path, env: Env | None = None) -> list[str]:
     """bsub (script on its standard input) for the job that takes over from `job_id` once
     it has ended, in the same queue, with the same name, logging into `logs`."""
     env = os.environ if env is None else env
@@ -73,3 +75,36 @@ def successor_argv(job_id: str, logs: Path, env: dict[str, str] | None = None) -
     if env.get("LSB_JOBNAME"):
         argv += ["-J", env["LSB_JOBNAME"]]
     return argv
+
+
+def bsub_argv(home: Home, extra: tuple[str, ...]) -> list[str]:
+    # The script goes on standard input (see Lsf.run_submit).
+    return ["bsub", "-o", f"{home.logs}/serve-%J.out", *extra]
+
+
+class Lsf(Scheduler):
+    name = "lsf"
+    table = TABLE
+    submit_command = "bsub"
+    cancel_command = "bkill"
+    script = "pgjob-serve.lsf"
+
+    def query(self, job_id: str) -> QueueState:
+        try:
+            return parse_bjobs(proc.run([*BJOBS, job_id], timeout=20, what="bjobs failed"))
+        except CommandFailed:  # bjobs exits non-zero for a job it no longer knows
+            return QueueState("UNKNOWN", None, "")
+
+    def submit_argv(self, home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
+        return bsub_argv(home, extra)
+
+    def run_submit(self, argv: list[str], home: Home, script: Path, what: str) -> str:
+        """Submit `script` with bsub on its standard input; LSF passes the environment,
+        with `exports`, on to the job."""
+        return job_id_from(proc.run(argv, timeout=60, what=what,
+                                    stdin_text=script.read_text(),
+                                    env={**os.environ, **exports(home, script)}))
+
+    def submit_successor(self, home: Home, job_id: str) -> str:
+        return self.run_submit(successor_argv(job_id, home.logs), home, self.job_script(),
+                               "bsub refused the next serve job")

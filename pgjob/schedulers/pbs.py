@@ -1,4 +1,5 @@
-"""PBS Professional and Torque: what `qstat -f` says about a job, and its successor's qsub.
+"""PBS Professional and Torque: what `qstat -f` says about a job, qsub for the serve job and
+its successor, qdel.
 
 A PBS job's environment names the job (PBS_JOBID) but not its end: the walltime and the
 start time are attributes of the job that `qstat -f` prints, one `name = value` per line
@@ -8,10 +9,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import proc
-from .errors import CommandFailed
-from .scheduler import QueueState
+from .. import proc
+from ..errors import CommandFailed, PgJobError
+from .base import QueueState, Scheduler, Table, exports
+
+if TYPE_CHECKING:
+    from ..home import Home
+
+# PBS_NODEFILE lists the job's nodes, this one first. PBS sends no signal before the
+# walltime: serve stops by itself.
+TABLE = Table("PBS_JOBID", "PBS_JOBID", node_file="PBS_NODEFILE", warns=False)
 
 # qstat's one-letter job_state, in the words `pgjob status` uses for Slurm.
 STATES = {"Q": "PENDING", "W": "PENDING", "H": "HELD", "T": "PENDING", "R": "RUNNING",
@@ -108,11 +117,6 @@ def show(job_id: str) -> dict[str, str]:
     return {}
 
 
-def query(job_id: str) -> QueueState:
-    fields = show(job_id)
-    return state_of(fields) if fields else QueueState("UNKNOWN", None, "")
-
-
 def successor_argv(job_id: str, fields: dict[str, str], script: Path,
                    exports: dict[str, str]) -> list[str]:
     """qsub for the job that takes over from `job_id` once it has ended: the same script
@@ -134,3 +138,34 @@ def successor_argv(job_id: str, fields: dict[str, str], script: Path,
     if out_path:
         argv += ["-j", "oe", "-o", f"{Path(out_path).parent}/"]
     return argv + [str(script)]
+
+
+def qsub_argv(home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
+    # -o to a folder: PBS Pro names the log JOBID.OU in it. -V passes this environment
+    # on (PATH to pgjob), as sbatch does by itself.
+    variables = ",".join(f"{k}={v}" for k, v in exports(home, script).items())
+    return ["qsub", "-V", "-v", variables, "-j", "oe", "-o", f"{home.logs}/", *extra,
+            str(script)]
+
+
+class Pbs(Scheduler):
+    name = "pbs"
+    table = TABLE
+    submit_command = "qsub"
+    cancel_command = "qdel"
+    script = "pgjob-serve.pbs"
+
+    def query(self, job_id: str) -> QueueState:
+        fields = show(job_id)
+        return state_of(fields) if fields else QueueState("UNKNOWN", None, "")
+
+    def submit_argv(self, home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
+        return qsub_argv(home, extra, script)
+
+    def submit_successor(self, home: Home, job_id: str) -> str:
+        fields = show(job_id)
+        if not fields:
+            raise PgJobError(f"cannot renew job {job_id}: `qstat -f {job_id}` shows nothing")
+        script = self.job_script()
+        return self.run_submit(successor_argv(job_id, fields, script, exports(home, script)),
+                               home, script, "qsub refused the next serve job")
