@@ -58,8 +58,12 @@ def test_old_generations_are_pruned(home):
     assert generations(home) == list(range(held.generation - lease.KEEP, held.generation + 1))
 
 
-def test_of_many_takers_at_once_exactly_one_wins(home):
-    start = threading.Barrier(8)
+def test_of_many_takers_at_once_exactly_one_wins(home, monkeypatch):
+    # All eight have found the lease free before any writes: a taker that looked after the
+    # winner wrote would watch a live holder for a ttl instead (another test's case).
+    start, write = threading.Barrier(8), threading.Barrier(8, timeout=10)
+    create = lease._create
+    monkeypatch.setattr(lease, "_create", lambda *args: (write.wait(), create(*args)))
     won, refused = [], []
 
     def take():
