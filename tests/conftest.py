@@ -18,7 +18,7 @@ import psutil
 import pytest
 from psycopg import sql
 
-from pgjob import endpoint
+from pgjob import binaries, endpoint
 from pgjob.home import open_home
 from pgjob.initialize import init
 
@@ -81,6 +81,18 @@ def cluster() -> dict:
         skip_unless_ci("no Slurm test cluster is up (tests/cluster/up.sh needs root; "
                        "`./dev test` as root starts it)")
     return dict(line.split("=", 1) for line in env_file.read_text().split() if "=" in line)
+
+
+@pytest.fixture
+def no_system_postgresql(monkeypatch, tmp_path):
+    """Hide every place but the pip build: no PATH entries, no distribution folders."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.delenv("PGJOB_PG_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv(binaries.SEARCH_ENV, "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return {"PATH": str(empty), binaries.SEARCH_ENV: "", "XDG_CACHE_HOME": str(tmp_path / "cache")}
 
 
 @pytest.fixture(scope="session")

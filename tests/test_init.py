@@ -94,19 +94,6 @@ def test_missing_binaries_list_every_place_looked(tmp_path):
     assert str(tmp_path) in done.stderr and "initdb" in done.stderr
 
 
-def test_nothing_found_lists_places_and_how_to_get_postgresql(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(binaries, "SEARCH_PATTERNS", (str(tmp_path / "nothing-*/bin"),))
-    monkeypatch.delenv(binaries.SEARCH_ENV, raising=False)
-    monkeypatch.setattr(binaries, "PIP_PACKAGE", "no_such_package_here")
-    with pytest.raises(binaries.BinariesNotFound) as info:
-        binaries.find()
-    text = str(info.value)
-    for hint in ("pg_config --bindir", "initdb on PATH", "module load", "conda", "apt-get",
-                 'pip install "pgjob[server]"'):
-        assert hint in text
-
-
 def test_settings_file_records_the_binaries_used(home_path):
     settings = open_home(home_path).settings()
     assert binaries.has_programs(settings.pg_bin)

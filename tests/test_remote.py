@@ -1,5 +1,6 @@
-"""`pgjob psql` and `pgjob dashboard` against a real server on loopback; the tunnel's pure
-parts (its end-to-end tests, which need root for network namespaces, are in test_tunnel.py)."""
+"""`pgjob psql` and `pgjob dashboard` against a real server on loopback, and the tunnel's
+free_port, which binds loopback sockets (its end-to-end tests, which need root for network
+namespaces, are in test_tunnel.py; its pure parts in unit/test_tunnel.py)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,6 @@ import pexpect
 import pytest
 
 from conftest import pgjob_cmd, run_pgjob
-from pgjob import tunnel
-from pgjob.errors import TunnelFailed
 from pgjob.tunnel import free_port
 from pgjob.waiting import until
 
@@ -96,13 +95,6 @@ def test_a_missing_dashboard_names_the_extra_to_install(home_path, tmp_path):
     assert 'pip install "pgjob[dashboard]"' in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_gateway_list_becomes_ssh_jumps():
-    assert tunnel.destination("me@login1") == ["me@login1"]
-    assert tunnel.destination("bastion, login1,node7") == ["-J", "bastion,login1", "node7"]
-    with pytest.raises(TunnelFailed):
-        tunnel.destination(" , ")
-
-
 def test_free_ports_differ_and_are_free():
     import socket
 
@@ -110,15 +102,3 @@ def test_free_ports_differ_and_are_free():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", first))  # free: binding it works
     assert first != second or free_port() != first
-
-
-def test_ssh_failures_become_advice():
-    said = tunnel._classify("ssh: connect to host x port 22: Connection refused\r\n",
-                            tunnel.FAILURES)
-    assert "unreachable (connection refused)" in said
-    said = tunnel._classify("channel 3: open failed: administratively prohibited: open failed",
-                            tunnel.REFUSALS, target="10.0.0.5:5432")
-    assert "AllowTcpForwarding" in said
-    said = tunnel._classify("channel 3: open failed: connect failed: No route to host",
-                            tunnel.REFUSALS, target="10.0.0.5:5432")
-    assert "cannot reach the server at 10.0.0.5:5432" in said

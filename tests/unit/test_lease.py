@@ -1,6 +1,8 @@
 """The home's lease without a server: generations, take-over rules, renewal, fencing."""
+import dataclasses
 import json
 import os
+import re
 import threading
 import time
 
@@ -56,8 +58,12 @@ def test_old_generations_are_pruned(home):
     assert generations(home) == list(range(held.generation - lease.KEEP, held.generation + 1))
 
 
-def test_of_many_takers_at_once_exactly_one_wins(home):
-    start = threading.Barrier(8)
+def test_of_many_takers_at_once_exactly_one_wins(home, monkeypatch):
+    # All eight have found the lease free before any writes: a taker that looked after the
+    # winner wrote would watch a live holder for a ttl instead (another test's case).
+    start, write = threading.Barrier(8), threading.Barrier(8, timeout=10)
+    create = lease._create
+    monkeypatch.setattr(lease, "_create", lambda *args: (write.wait(), create(*args)))
     won, refused = [], []
 
     def take():
@@ -277,3 +283,40 @@ def test_a_full_disk_does_not_fence_since_no_taker_can_write_either(home, monkey
     assert until(fenced.is_set, 10)
     assert "Input/output error" in keeper.lapsed
     keeper.stop()
+
+
+def test_releasing_a_lease_another_serve_has_taken_leaves_theirs_alone(home):
+    mine = lease.acquire(home, "1")
+    theirs = elsewhere(mine.generation + 1)
+    lease._create(home, theirs)
+    lease.release(home, mine)
+    assert lease.read(home) == theirs and generations(home) == [1, 2]
+
+
+def test_the_holder_is_known_gone_only_for_a_dead_process_on_this_node(home):
+    here, me = scheduler.node_name(), psutil.Process()
+    alive = dataclasses.replace(elsewhere(1), node=here, pid=me.pid,
+                                create_time=me.create_time())
+    assert alive.holder_alive_here() and not alive.holder_gone()
+    # the same pid started at another time is another process: ours is gone
+    reused = dataclasses.replace(alive, create_time=me.create_time() - 1000)
+    assert reused.holder_gone() and not reused.holder_alive_here()
+    # on another node nothing is known: neither gone nor alive
+    assert not elsewhere(1).holder_gone() and not elsewhere(1).holder_alive_here()
+
+
+def test_the_lease_is_described_as_the_user_needs_it(home):
+    assert lease.describe_current(home) == "no lease"
+    lease._create(home, elsewhere(3, renewed_at=time.time() - 42))
+    said = lease.describe_current(home)
+    assert re.fullmatch(r"generation 3, node node-elsewhere, job 77, pid 1, renewed 4[23] s ago",
+                        said), said
+    lease._create(home, elsewhere(4, released=True))
+    assert "released 0 s ago" in lease.describe_current(home)
+    lease._create(home, elsewhere(5, renewed_at=time.time() + 3600))
+    assert "in the future by its holder's clock" in lease.describe_current(home)
+    lease._create(home, dataclasses.replace(elsewhere(6, released=True),
+                                            token=lease.BROKEN + "x"))
+    assert "broken with `pgjob break-lease`" in lease.describe_current(home)
+    (home.run / "lease-7.json").write_text("{")
+    assert "not a valid lease" in lease.describe_current(home)

@@ -1,6 +1,7 @@
 """Every pgjob setting is checked once, where it enters, into a typed value or a one-line
 refusal naming the setting, where it came from and what it must be; renderers only quote."""
 import logging
+import os
 
 import pytest
 
@@ -100,6 +101,8 @@ BAD = [
     ("backups_keep", "0", "PGJOB_BACKUPS_KEEP"),
     ("stop_margin", -1, "PGJOB_STOP_MARGIN"),
     ("stop_margin", 2**63, "pgjob.toml"),  # no TOML integer holds it
+    ("lease_ttl", 5, "pgjob.toml"),  # under the clocks' skew: a live serve is taken over
+    ("lease_ttl", "7200", "PGJOB_LEASE_TTL"),
     ("pooler", "pgpool", "PGJOB_POOLER"),
     ("pooler", ["pgbouncer"], "pgjob.toml"),
     ("storage", "Journal", "PGJOB_STORAGE"),  # every worker must read the same kind
@@ -191,6 +194,41 @@ def test_init_options_go_through_the_same_checks(tmp_path, monkeypatch):
     monkeypatch.setenv("PGJOB_BACKUPS_KEEP", "0")
     assert "from PGJOB_BACKUPS_KEEP" in str(pytest.raises(UsageError, merged_settings,
                                                           target).value)
+
+
+def test_the_command_line_beats_the_environment_which_beats_pgjob_toml(tmp_path, monkeypatch):
+    target = Home(tmp_path)
+    target.settings_file.write_text("port = 6000\nworkers = 3\nbackups_keep = 2\n")
+    monkeypatch.setenv("PGJOB_PORT", "6001")
+    monkeypatch.setenv("PGJOB_WORKERS", "4")
+    found = merged_settings(target, port=6002, workers=None, allow=())
+    assert (found.port, found.workers, found.backups_keep, found.allow) == (6002, 4, 2, ())
+
+
+@pytest.mark.parametrize("content", [b"port = \n", b"port = 6000\nport = 6001\n",
+                                     b"user = '\xff'\n"])
+def test_a_pgjob_toml_that_cannot_be_read_says_to_fix_or_delete_it(tmp_path, content):
+    target = Home(tmp_path)
+    target.settings_file.write_bytes(content)
+    message = str(pytest.raises(UsageError, target.settings).value)
+    assert message.startswith(f"{target.settings_file} is not valid TOML (")
+    assert message.endswith("fix or delete it, then run `pgjob init` again")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_a_pgjob_toml_the_caller_cannot_read_names_the_account_to_use(tmp_path):
+    target = Home(tmp_path)
+    target.settings_file.write_text('user = "optuna"\n')
+    target.settings_file.chmod(0)
+    message = str(pytest.raises(UsageError, target.settings).value)
+    assert message.startswith(f"cannot read {target.settings_file}: Permission denied")
+    assert "account that owns the home" in message
+
+
+def test_no_pgjob_toml_means_the_defaults(tmp_path, monkeypatch):
+    for name in vars(Settings()):
+        monkeypatch.delenv("PGJOB_" + name.upper(), raising=False)
+    assert Home(tmp_path).settings() == Settings()
 
 
 # The renderers quote what the checks let through.
