@@ -18,12 +18,19 @@ from pathlib import Path
 import pytest
 
 from conftest import trial_states
-from test_pbs_lsf import pbs_env, standins  # noqa: F401 (standins: a fixture)
+from test_pbs_lsf import Standins, pbs_env
 
 REPO = Path(__file__).resolve().parent.parent
 PBS_WORKER = REPO / "jobscripts" / "optuna-worker.pbs"
 LSF_WORKER = REPO / "jobscripts" / "optuna-worker.lsf"
 OBJECTIVE = REPO / "jobscripts" / "example_objective.py"
+
+
+@pytest.fixture
+def standins(tmp_path, monkeypatch) -> Standins:
+    found = Standins(tmp_path / "bin")
+    monkeypatch.setenv("PATH", found.path())
+    return found
 
 
 def job_env(home: Path, **variables: str) -> dict[str, str]:
