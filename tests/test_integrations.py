@@ -140,12 +140,14 @@ def test_submitit_workers_lose_no_trial_when_submitit_requeues_a_preempted_job(
     folder = slurm.workdir / "submitit"
     folder.mkdir()
     env = {**os.environ, "PGJOB_HOME": str(home), "PYTHONPATH": str(REPO)}
+    errors = folder / "driver.err"
     driver = subprocess.Popen(
         [str(venvs["submitit"] / "bin" / "python"), str(APPS / "submitit_workers.py"),
          str(folder), "submitit-study", "12", "1.5", "2"],
-        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=open(errors, "w"), text=True)
     try:
-        assert until(lambda: (folder / "jobs.json").exists(), 60), driver.stderr
+        assert until(lambda: (folder / "jobs.json").exists() or driver.poll() is not None,
+                     60) and driver.poll() is None, errors.read_text()
         jobs = json.loads((folder / "jobs.json").read_text())
         slurm.jobs.extend(jobs)
         victim = jobs[0]
@@ -164,15 +166,15 @@ def test_submitit_workers_lose_no_trial_when_submitit_requeues_a_preempted_job(
         for signal in ("SIGTERM", "USR2"):
             subprocess.run(["scancel", "--signal", signal, victim], check=True, timeout=30)
         assert until(lambda: requeues(slurm, victim) >= 1, 60), requeues(slurm, victim)
-        out, err = driver.communicate(timeout=300)
+        out, _ = driver.communicate(timeout=300)
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode == 0, out + err
+    assert driver.returncode == 0, out + errors.read_text()
     for job in jobs:
         assert slurm.state(job).state in FINISHED | {"UNKNOWN"}
     states = trial_states(found, "submitit-study")
-    print("submitit: trials", states, "results", out.strip())
+    print("submitit: trials", states, "results", out.strip().splitlines()[-1])
     # the preempted worker's trial was failed and retried; nothing is left RUNNING or WAITING
     assert states.get("FAIL") == 1 and states.get("COMPLETE", 0) >= 12, states
     assert set(states) == {"COMPLETE", "FAIL"}, states

@@ -36,12 +36,16 @@ class Worker(submitit.helpers.Checkpointable):
 
 def main() -> None:
     folder, study, total, sleep, workers = sys.argv[1:6]
-    executor = submitit.AutoExecutor(folder=Path(folder) / "%j")
+    executor = submitit.AutoExecutor(folder=Path(folder) / "%j", slurm_max_num_timeout=3)
     executor.update_parameters(timeout_min=10, slurm_partition="debug", mem_gb=1,
-                               cpus_per_task=1, slurm_max_num_timeout=3)
+                               cpus_per_task=1)
     jobs = [executor.submit(Worker(), study, int(total), float(sleep))
             for _ in range(int(workers))]
     (Path(folder) / "jobs.json").write_text(json.dumps([job.job_id for job in jobs]))
+    # job.result() would poll sacct at growing intervals (up to a minute apart): the
+    # result files say it sooner
+    while not all(job.paths.result_pickle.exists() for job in jobs):
+        time.sleep(0.5)
     print(json.dumps([job.result() for job in jobs]), flush=True)
 
 
