@@ -166,7 +166,15 @@ def test_submitit_workers_lose_no_trial_when_submitit_requeues_a_preempted_job(
         for signal in ("SIGTERM", "USR2"):
             subprocess.run(["scancel", "--signal", signal, victim], check=True, timeout=30)
         assert until(lambda: requeues(slurm, victim) >= 1, 60), requeues(slurm, victim)
-        out, _ = driver.communicate(timeout=300)
+        # Slurm holds a requeued job back (BeginTime, about two minutes); meanwhile the
+        # server's sweep has failed the cut-short trial and queued its retry
+        slurm.wait_state(victim, {"PENDING"}, 60)  # after COMPLETING
+        assert until(lambda: trial_states(found, "submitit-study").get("FAIL") == 1, 30), \
+            trial_states(found, "submitit-study")
+        # the user does not wait the hold out (nor does the test)
+        subprocess.run(["scontrol", "update", f"jobid={victim}", "StartTime=now"], check=True,
+                       timeout=30)
+        out, _ = driver.communicate(timeout=240)
     finally:
         if driver.poll() is None:
             driver.kill()
