@@ -93,18 +93,19 @@ def serve(home, **options) -> None:
 @home_option
 @click.option("--wait", default=0.0, metavar="SECONDS",
               help="Wait this long for the server to be published and answer.")
-@click.option("--format", "fmt", type=click.Choice(["sqlalchemy", "libpq", "json", "env"]),
-              default="sqlalchemy", show_default=True)
+@click.option("--format", "fmt", default="sqlalchemy", show_default=True,
+              type=click.Choice(["sqlalchemy", "libpq", "json", "env", "hydra"]))
 def url(home, wait, fmt) -> None:
     """Print how to connect to the published server (no password: it stays in a passfile)."""
     target = open_home(home).require()
-    if fmt in ("sqlalchemy", "env"):  # the Optuna URLs
+    if fmt in ("sqlalchemy", "env", "hydra"):  # the Optuna URLs
         from .storage import check_url_works
 
         check_url_works(target)
     found = endpoint.wait_connectable(target, timeout=wait)
     click.echo({"sqlalchemy": found.sqlalchemy_url, "libpq": found.libpq_url,
-                "json": found.to_json, "env": found.env_lines}[fmt]().rstrip("\n"))
+                "json": found.to_json, "env": found.env_lines,
+                "hydra": found.hydra_override}[fmt]().rstrip("\n"))
 
 
 @main.command()

@@ -57,6 +57,14 @@ class Endpoint:
         return (f"postgresql://{quote(self.user)}@{self.host}:{self.port}/"
                 f"{quote(self.database)}?{self._query(sslmode)}")
 
+    def hydra_override(self) -> str:
+        """`hydra.sweeper.storage='postgresql://...'`: the libpq URL (SQLAlchemy's default
+        driver, psycopg2 for the Optuna 2.10 that hydra-optuna-sweeper pins) as one Hydra
+        command-line override. Hydra's grammar refuses an unquoted `?`; inside its single
+        quotes every character of the URL is literal, since quote() has encoded any quote,
+        backslash, `$` or space of the paths."""
+        return f"hydra.sweeper.storage='{self.libpq_url()}'"
+
     def libpq_env(self, sslmode: str = SSLMODE) -> dict[str, str]:
         """The PG* variables that point libpq tools (psql, pg_dump) at this server."""
         return {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": self.database,
