@@ -65,7 +65,7 @@ def resolve_path(option: str | os.PathLike | None) -> Path:
 @dataclass
 class Home:
     path: Path
-    _settings: Settings | None = field(default=None, init=False, repr=False, compare=False)
+    _settings: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     # The layout, in one place.
     @property
@@ -206,15 +206,17 @@ class Home:
             os.chmod(path, mode & 0o700)
 
     def settings(self) -> Settings:
-        """This home's checked settings (pgjob.toml, PGJOB_<NAME>), read from disk once per
-        Home: a command opens its home once and passes the Home (and so them) down."""
-        if self._settings is None:
-            self._settings = settings_module.load(self.settings_file)
-        return self._settings
+        """This home's checked settings (pgjob.toml, PGJOB_<NAME>), parsed and checked once
+        per Home while neither the file nor those variables change: a command opens its
+        home once and passes the Home (and so them) down."""
+        given = settings_module.given(self.settings_file)
+        if self._settings is None or self._settings[0] != given:
+            self._settings = (given, settings_module.load(self.settings_file))
+        return self._settings[1]
 
     def save_settings(self, settings: Settings) -> None:
         self.write(self.settings_file, settings.to_toml())
-        self._settings = settings
+        self._settings = (settings_module.given(self.settings_file), settings)
 
     def mkdir(self, path: Path, mode: int = 0o700) -> None:
         """One of the home's own folders, with `mode`; a link or a file in its place is

@@ -293,6 +293,18 @@ def read_raw(settings_file: Path) -> tuple[dict, dict[str, str]]:
     return values, sources
 
 
+def given(settings_file: Path) -> tuple:
+    """What the settings are read from, cheaply compared: the file's identity and change
+    time, and the PGJOB_<NAME> variables set now."""
+    try:
+        st = settings_file.stat()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None
+    names = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    return stamp, tuple(sorted((k, v) for k, v in os.environ.items() if k in names))
+
+
 def load(settings_file: Path, **options) -> Settings:
     """The checked settings of a home: pgjob.toml, PGJOB_<NAME>, and the options given
     on this command line (those not None or empty) on top, all checked together."""

@@ -3,7 +3,7 @@ import stat
 
 from pgjob import conf
 from pgjob.home import Home
-from pgjob.initialize import write_server_conf
+from pgjob.instance import write_conf
 from pgjob.settings import Settings
 
 
@@ -134,7 +134,7 @@ def test_the_files_init_and_serve_write_are_private_and_keep_the_users_edits(tmp
     (home.data / "postgresql.conf").write_text("work_mem = 64MB\n")
     (home.data / "pg_hba.conf").write_text("host optuna optuna 192.168.7.0/24 scram-sha-256\n")
     for networks in (("10.1.0.0/16",), ("10.2.0.0/16",)):  # init, then a serve elsewhere
-        write_server_conf(home, Settings(), conf.static_params(8), networks)
+        write_conf(home, Settings(allow=networks), conf.static_params(8))
     for name in ("pgjob.conf", "postgresql.conf", "pg_hba.conf"):
         assert stat.S_IMODE((home.data / name).stat().st_mode) == 0o600, name
     pgjob_conf = (home.data / "pgjob.conf").read_text()

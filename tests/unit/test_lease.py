@@ -294,7 +294,7 @@ def test_releasing_a_lease_another_serve_has_taken_leaves_theirs_alone(home):
 
 
 def test_the_holder_is_known_gone_only_for_a_dead_process_on_this_node(home):
-    here, me = scheduler.node_name(), psutil.Process()
+    here, me = schedulers.node_name(), psutil.Process()
     alive = dataclasses.replace(elsewhere(1), node=here, pid=me.pid,
                                 create_time=me.create_time())
     assert alive.holder_alive_here() and not alive.holder_gone()
