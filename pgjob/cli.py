@@ -200,7 +200,7 @@ def submit(home, scheduler, submit_options) -> None:
     Options after the home go to the submit command as they are, e.g.
     `pgjob submit --time=8:00:00` (Slurm) or `pgjob submit -l walltime=8:00:00` (PBS).
     """
-    from .submit import submit as do_submit
+    from .submission import submit as do_submit
 
     click.echo(do_submit(open_home(home).require(), tuple(submit_options),
                          scheduler=scheduler or ""))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import (backup, binaries, control, endpoint, instance, lease, netinfo, passwords,
-               pooler, schedulers, submit)
+               pooler, schedulers, submission)
 from .cluster import cluster_state, log_tail, private_socket_dir
 from .errors import LeaseExpired, LeaseLost, PgJobError, ServerFailed
 from .home import Home, open_home
@@ -197,7 +197,7 @@ class Serve:
         if not schedulers.get(self.job.scheduler).submit_command or not self.job.job_id:
             log.warning("--renew needs a Slurm, PBS or LSF job; serving without renewal")
             return
-        successor = submit.submit_successor(self.home, self.job.job_id, self.job.scheduler)
+        successor = submission.submit_successor(self.home, self.job.job_id, self.job.scheduler)
         log.info("renewal: job %s will take over when this job ends", successor)
 
     def _schedule_own_stop(self) -> None:
@@ -384,7 +384,7 @@ class Serve:
             return
         self._withdraw(self.stop_reason or "serve ended")
         if self.renew and ends_chain(self.stop_reason, self.job_end, time.time()):
-            cancelled = submit.cancel_successor(self.home)
+            cancelled = submission.cancel_successor(self.home)
             if cancelled:
                 log.info("renewal chain ended: cancelled job %s", cancelled)
         if server is not None and server.process is not None:

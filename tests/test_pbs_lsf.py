@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Served, run_pgjob
-from pgjob import endpoint, schedulers, submit
+from pgjob import endpoint, schedulers, submission
 from pgjob.home import Home, open_home
 from pgjob.settings import Settings
 
@@ -176,12 +176,12 @@ def test_lsf_successor_waits_for_the_job_to_end_then_is_cancelled_with_bkill(
     monkeypatch.setenv("LSB_QUEUE", "long")
     monkeypatch.setenv("LSB_JOBNAME", "pgjob-serve")
     home = bare_home(tmp_path / "home")
-    assert submit.submit_successor(home, "4242", "lsf") == "4243"
+    assert submission.submit_successor(home, "4242", "lsf") == "4243"
     call = standins.calls("bsub")[0]
     assert call["argv"][:2] == ["-w", "ended(4242)"]
     assert ["-q", "long", "-J", "pgjob-serve"] == call["argv"][-4:]
     assert "#BSUB -wa USR1" in call["stdin"] and call["env"]["PGJOB_HOME"] == str(home.path)
-    assert submit.cancel_successor(home) == "4243"
+    assert submission.cancel_successor(home) == "4243"
     assert standins.calls("bkill")[0]["argv"] == ["4243"]
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 
 from ..errors import UsageError
-from .base import Env, Job, QueueState, Scheduler, Table, cgroup_memory
+from .base import Env, Job, QueueState, Resources, Scheduler, Table, cgroup_memory
 from .lsf import Lsf
 from .none import NoScheduler
 from .pbs import Pbs
 from .slurm import Slurm
 
-__all__ = ["BATCH", "NONE", "Job", "QueueState", "Scheduler", "Table", "cgroup_memory",
+__all__ = ["BATCH", "NONE", "Job", "QueueState", "Resources", "Scheduler", "Table", "cgroup_memory",
            "current", "detect", "get", "node_name", "query"]
 
 # The batch systems, in the order `pgjob submit` tries their submit commands: Slurm sites

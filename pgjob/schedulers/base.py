@@ -8,6 +8,7 @@ each subclass `Scheduler`; the registry in __init__.py says which one is active.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from .. import proc
-from ..errors import PgJobError
+from ..errors import PgJobError, UsageError
 
 if TYPE_CHECKING:
     from ..home import Home
@@ -116,6 +117,54 @@ def exports(home: Home, script: Path) -> dict[str, str]:
     return {"PGJOB_HOME": str(home.path), "PGJOB": own_command(), "PGJOB_SCRIPT": str(script)}
 
 
+WALLTIME = re.compile(r"(\d+:)?(\d+:)?\d+")  # [[hours:]minutes:]seconds, as all three take it
+MEMORY = re.compile(r"(\d+)\s*([KMGT])B?", re.IGNORECASE)
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a serve job asks its scheduler for, checked once here: each value goes onto
+    the submit command line, so none may look like another option."""
+
+    walltime: str = ""  # "HH:MM:SS"
+    memory: str = ""  # "4GB", "500MB"
+    cores: int = 0
+    queue: str = ""  # Slurm's partition, PBS's and LSF's queue
+    account: str = ""  # Slurm's and PBS's account, LSF's project
+    job_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.walltime and not WALLTIME.fullmatch(self.walltime):
+            raise UsageError(f"walltime {self.walltime!r} is refused: write it as "
+                             "HH:MM:SS, e.g. walltime=\"08:00:00\"")
+        if self.memory and not MEMORY.fullmatch(self.memory):
+            raise UsageError(f"memory {self.memory!r} is refused: write a whole number and "
+                             "a unit, e.g. memory=\"4GB\" or \"500MB\"")
+        if not isinstance(self.cores, int) or isinstance(self.cores, bool) or not (
+                0 <= self.cores <= 4096):
+            raise UsageError(f"cores {self.cores!r} is refused: a whole number of 1 to 4096")
+        for field_name in ("queue", "account", "job_name"):
+            value = getattr(self, field_name)
+            if value and not NAME.fullmatch(value):
+                raise UsageError(f"{field_name} {value!r} is refused: letters, digits and "
+                                 "_ . + - only, not starting with - (it goes onto the submit "
+                                 "command line)")
+
+    @property
+    def seconds(self) -> int:
+        total = 0
+        for part in self.walltime.split(":"):
+            total = total * 60 + int(part)
+        return total
+
+    def memory_in(self, lower: bool = False, suffix: str = "B") -> str:
+        """The memory as "4GB" (the unit letter as the scheduler spells it)."""
+        number, unit = MEMORY.fullmatch(self.memory).groups()
+        unit = unit.upper() + suffix
+        return number + (unit.lower() if lower else unit)
+
+
 class Scheduler:
     """One batch system: what its jobs are told, what its commands answer, and how pgjob
     submits and cancels its serve jobs. Subclasses set the class attributes and override
@@ -186,6 +235,10 @@ class Scheduler:
         return Path(named) if named and Path(named).is_file() else self.serve_script()
 
     def submit_argv(self, home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
+        raise PgJobError(f"pgjob cannot submit jobs to {self.name}")
+
+    def resource_options(self, wanted: Resources) -> tuple[str, ...]:
+        """`wanted` as this scheduler's submit options."""
         raise PgJobError(f"pgjob cannot submit jobs to {self.name}")
 
     def submit(self, home: Home, extra: tuple[str, ...]) -> str:

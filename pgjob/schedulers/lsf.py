@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .. import proc
 from ..errors import CommandFailed
-from .base import Env, QueueState, Scheduler, Table, exports
+from .base import Env, QueueState, Resources, Scheduler, Table, exports
 
 if TYPE_CHECKING:
     from ..home import Home
@@ -97,6 +97,19 @@ class Lsf(Scheduler):
 
     def submit_argv(self, home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
         return bsub_argv(home, extra)
+
+    def resource_options(self, wanted: Resources) -> tuple[str, ...]:
+        argv: list[str] = []
+        if wanted.walltime:  # bsub -W takes [hours:]minutes
+            minutes = max(1, -(-wanted.seconds // 60))
+            argv += ["-W", f"{minutes // 60}:{minutes % 60:02d}"]
+        if wanted.memory:
+            argv += ["-M", wanted.memory_in()]
+        for option, value in (("-n", wanted.cores or ""), ("-q", wanted.queue),
+                              ("-P", wanted.account), ("-J", wanted.job_name)):
+            if value:
+                argv += [option, str(value)]
+        return tuple(argv)
 
     def run_submit(self, argv: list[str], home: Home, script: Path, what: str) -> str:
         """Submit `script` with bsub on its standard input; LSF passes the environment,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .. import proc
 from ..errors import CommandFailed, PgJobError
-from .base import QueueState, Scheduler, Table, exports
+from .base import QueueState, Resources, Scheduler, Table, exports
 
 if TYPE_CHECKING:
     from ..home import Home
@@ -161,6 +161,21 @@ class Pbs(Scheduler):
 
     def submit_argv(self, home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
         return qsub_argv(home, extra, script)
+
+    def resource_options(self, wanted: Resources) -> tuple[str, ...]:
+        # PBS Pro's chunk syntax; Torque users pass -l nodes=...:ppn=... in `extra`.
+        chunk = "".join([f":ncpus={wanted.cores}" if wanted.cores else "",
+                         f":mem={wanted.memory_in(lower=True)}" if wanted.memory else ""])
+        argv: list[str] = []
+        if wanted.walltime:
+            argv += ["-l", f"walltime={wanted.walltime}"]
+        if chunk:
+            argv += ["-l", "select=1" + chunk]
+        for option, value in (("-q", wanted.queue), ("-A", wanted.account),
+                              ("-N", wanted.job_name)):
+            if value:
+                argv += [option, value]
+        return tuple(argv)
 
     def submit_successor(self, home: Home, job_id: str) -> str:
         fields = show(job_id)

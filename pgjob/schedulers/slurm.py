@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .. import proc
 from ..errors import CommandFailed, PgJobError
-from .base import MB, Env, QueueState, Scheduler, Table, own_command
+from .base import MB, Env, QueueState, Resources, Scheduler, Table, own_command
 
 if TYPE_CHECKING:
     from ..home import Home
@@ -112,6 +112,13 @@ class Slurm(Scheduler):
 
     def submit_argv(self, home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
         return sbatch_argv(home, extra, script)
+
+    def resource_options(self, wanted: Resources) -> tuple[str, ...]:
+        given = {"--time": wanted.walltime,
+                 "--mem": wanted.memory and wanted.memory_in(suffix=""),
+                 "--cpus-per-task": wanted.cores or "", "--partition": wanted.queue,
+                 "--account": wanted.account, "--job-name": wanted.job_name}
+        return tuple(f"{option}={value}" for option, value in given.items() if value)
 
     def run_submit(self, argv: list[str], home: Home, script: Path, what: str) -> str:
         # --parsable answers "jobid" or "jobid;cluster"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pgjob import heartbeat, schedulers, submit
+from pgjob import heartbeat, schedulers, submission
 from pgjob.errors import UsageError
 from pgjob.home import Home
 from pgjob.schedulers import base, lsf, pbs, slurm
@@ -295,12 +295,12 @@ def test_the_submit_order_is_slurm_lsf_pbs():
 def test_submit_takes_the_first_batch_system_on_path(standins):
     for command in ("qsub", "bsub"):
         standins.add(command)
-    assert submit.choose_scheduler().name == "lsf"
+    assert submission.choose_scheduler().name == "lsf"
     standins.add("sbatch")  # a Slurm site with a qsub wrapper: sbatch wins
-    assert submit.choose_scheduler().name == "slurm"
-    assert submit.choose_scheduler("pbs").name == "pbs"
+    assert submission.choose_scheduler().name == "slurm"
+    assert submission.choose_scheduler("pbs").name == "pbs"
     with pytest.raises(UsageError, match="choose one of slurm, lsf, pbs"):
-        submit.choose_scheduler("none")
+        submission.choose_scheduler("none")
 
 
 def test_get_knows_each_scheduler_by_name_and_refuses_others():
