@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import control, endpoint, health, schedulers, submission
+from . import control, endpoint, health, proc, schedulers, submission
 from .errors import PgJobError, UsageError
 from .home import Home, open_home
 from .schedulers import QueueState, Resources
@@ -51,16 +51,7 @@ class ServerJob:
     def url(self, wait: float = 600, format: str = "sqlalchemy") -> str:
         """How to connect, once the server accepts connections (waits up to `wait` s):
         an Optuna/SQLAlchemy URL by default, or `format` as `pgjob url --format` has it."""
-        if format not in FORMATS:
-            raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-        if format in ("sqlalchemy", "env", "hydra"):
-            from .storage import check_url_works
-
-            check_url_works(self.home)
-        found = endpoint.wait_connectable(self.home, timeout=wait)
-        return {"sqlalchemy": found.sqlalchemy_url, "libpq": found.libpq_url,
-                "json": found.to_json, "env": found.env_lines,
-                "hydra": found.hydra_override}[format]().rstrip("\n")
+        return connection_text(self.home, wait, format)
 
     def storage(self, wait: float = 600, **options):
         """The Optuna storage on this server (see `pgjob.optuna_storage`)."""
@@ -79,6 +70,21 @@ class ServerJob:
     def stop(self, wait: float = 120) -> control.StopReport:
         """Stop the server cleanly (the job then ends) and say what was verified."""
         return control.request_stop(self.home.path, wait)
+
+
+def connection_text(home: Home, wait: float, format: str) -> str:
+    """What `pgjob url --format FORMAT` prints for `home`, once its server accepts
+    connections; the Optuna URL forms are refused on a journal home, saying what to use."""
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format in ("sqlalchemy", "env", "hydra"):  # the Optuna URLs
+        from .storage import check_url_works
+
+        check_url_works(home)
+    found = endpoint.wait_connectable(home, timeout=wait)
+    return {"sqlalchemy": found.sqlalchemy_url, "libpq": found.libpq_url,
+            "json": found.to_json, "env": found.env_lines,
+            "hydra": found.hydra_override}[format]().rstrip("\n")
 
 
 def _resources(**given) -> Resources:
@@ -134,9 +140,9 @@ def serving(home=None, *, host: str = "", interface: str = "", wait: float = 120
     argv = [sys.executable, "-m", "pgjob", "serve", "--home", str(target.path)]
     argv += ["--host", host] if host else []
     argv += ["--interface", interface] if interface else []
-    with open(log_path, "a") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+    # Through proc.spawn: serve dies with this process (a fast, clean stop), so a driver
+    # killed outright leaves no server behind in the allocation.
+    process = proc.spawn(argv, log=log_path)
     try:
         found = _wait_serving(target, process, wait, log_path)
         yield ServerJob(target, found.job_id, found.scheduler)

@@ -97,15 +97,9 @@ def serve(home, **options) -> None:
               type=click.Choice(["sqlalchemy", "libpq", "json", "env", "hydra"]))
 def url(home, wait, fmt) -> None:
     """Print how to connect to the published server (no password: it stays in a passfile)."""
-    target = open_home(home).require()
-    if fmt in ("sqlalchemy", "env", "hydra"):  # the Optuna URLs
-        from .storage import check_url_works
+    from .api import connection_text
 
-        check_url_works(target)
-    found = endpoint.wait_connectable(target, timeout=wait)
-    click.echo({"sqlalchemy": found.sqlalchemy_url, "libpq": found.libpq_url,
-                "json": found.to_json, "env": found.env_lines,
-                "hydra": found.hydra_override}[fmt]().rstrip("\n"))
+    click.echo(connection_text(open_home(home).require(), wait, fmt))
 
 
 @main.command()

@@ -199,7 +199,7 @@ class Instance:
                 if BIND_FAILED not in exc.detail or attempt == BIND_ATTEMPTS - 1:
                     raise
                 wanted = 0  # let the kernel choose
-        return notes[-1:]
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _configure(self, *, listen: str, port: int, ssl_params: dict) -> None:
         write_conf(self.home, self.settings, {
