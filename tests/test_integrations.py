@@ -179,8 +179,10 @@ def test_submitit_workers_lose_no_trial_when_submitit_requeues_a_preempted_job(
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, out + errors.read_text()
+    # submitit hands back a result once the job has written it; the job itself ends a moment
+    # later, so the test waits for that rather than racing it
     for job in jobs:
-        assert slurm.state(job).state in FINISHED | {"UNKNOWN"}
+        slurm.wait_state(job, FINISHED | {"UNKNOWN"}, 60)
     states = trial_states(found, "submitit-study")
     print("submitit: trials", states, "results", out.strip().splitlines()[-1])
     # the preempted worker's trial was failed and retried; nothing is left RUNNING or WAITING
