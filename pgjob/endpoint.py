@@ -17,7 +17,7 @@ import psycopg
 
 from .cluster import connect
 from .errors import NotPublished, first_line
-from .home import Home
+from .home import Home, json_object
 from .tls import SSLMODE
 from .waiting import until
 
@@ -87,10 +87,9 @@ class Endpoint:
 def read_raw(home: Home) -> dict | None:
     """The endpoint file's fields, or None when it is missing or not (yet) valid JSON."""
     try:
-        data = json.loads(home.endpoint_file.read_text())
+        return json_object(home.endpoint_file.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def read(home: Home) -> Endpoint | None:

@@ -62,6 +62,19 @@ def resolve_path(option: str | os.PathLike | None) -> Path:
     return Path(raw).expanduser().absolute()
 
 
+def json_object(text: str | bytes) -> dict:
+    """A JSON object from a file pgjob keeps; ValueError for anything else, also for
+    nesting so deep that the parser gives up (a RecursionError from json, which a
+    damaged or planted file must not turn into a traceback)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to be one of pgjob's records") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
 @dataclass
 class Home:
     path: Path
@@ -251,10 +264,9 @@ class Home:
         is missing, unreadable or not a JSON object: a record pgjob cannot read is one it
         does not have, never a crash."""
         try:
-            record = json.loads(path.read_text())
+            return json_object(path.read_text())
         except (OSError, ValueError):
             return {}
-        return record if isinstance(record, dict) else {}
 
     def write_record(self, path: Path, record: dict) -> None:
         """Replace one of the home's JSON records atomically (see `write`)."""

@@ -28,7 +28,7 @@ from . import conf, control, endpoint, netinfo, pooler, tls
 from .cluster import Server, connect, private_socket_dir
 from .endpoint import Endpoint
 from .errors import AlreadyServing, ServerFailed
-from .home import Home
+from .home import Home, json_object
 from .schedulers import Job, node_name
 from .settings import Settings
 
@@ -128,10 +128,10 @@ def left_by_a_dead_serve(path: Path, uid: int) -> bool:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
             return False
         with os.fdopen(os.open(path / PRIVATE_MARK, os.O_RDONLY | os.O_NOFOLLOW)) as mark:
-            record = json.load(mark)
+            record = json_object(mark.read())
     except (OSError, ValueError):
         return False
-    return (isinstance(record, dict) and record.get("node") == node_name()
+    return (record.get("node") == node_name()
             and "pid" in record and not control.record_is_live(record))
 
 

@@ -40,7 +40,7 @@ import psutil
 
 from . import schedulers
 from .errors import AlreadyServing, LeaseLost, PgJobError
-from .home import Home, fsync_folder
+from .home import Home, fsync_folder, json_object
 from .proc import same_process
 from .waiting import until
 
@@ -124,9 +124,7 @@ def _path(home: Home, generation: int) -> Path:
 
 def _parse(raw: bytes, generation: int) -> Lease:
     """A lease from a file's bytes; ValueError saying what is wrong with it."""
-    data = json.loads(raw.decode())
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+    data = json_object(raw.decode())
     kinds = {"token": str, "node": str, "job_id": str, "pid": int, "create_time": float,
              "renewed_at": float, "ttl": float, "released": bool}
     fields = {}

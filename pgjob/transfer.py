@@ -25,7 +25,6 @@ The rules, for the user (docs/guide.md says the same):
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pwd
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import PgJobError, UsageError, first_line
-from .home import Home, fsync_folder, resolve_path
+from .home import Home, fsync_folder, json_object, resolve_path
 
 FORMATS = ("sqlite", "journal")
 FORMAT_BY_SUFFIX = {".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite",
@@ -194,10 +193,10 @@ def _check_is_storage(file: StudyFile) -> None:
     with open(file.path, "rb") as f:
         first = f.readline()
     try:
-        entry = json.loads(first)
-    except (ValueError, UnicodeDecodeError):
-        entry = None
-    if not (isinstance(entry, dict) and "op_code" in entry and "worker_id" in entry):
+        entry = json_object(first)
+    except ValueError:  # UnicodeDecodeError too
+        entry = {}
+    if not ("op_code" in entry and "worker_id" in entry):
         raise UsageError(f"{file.path} is neither a SQLite database nor an Optuna journal "
                          "file (its first line is no journal entry); name the file your "
                          "studies are in, or a new file to export into")
@@ -224,7 +223,7 @@ def _open_file_storage(path: Path, fmt: str, *, source: bool):
 
     try:
         return JournalStorage(JournalFileBackend(str(path)))
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
         raise UsageError(f"{path} could not be read as an Optuna journal ({first_line(exc)}); "
                          "it is damaged or is no journal: name the file your studies are "
                          "in") from None

@@ -7,6 +7,7 @@ studies of their own names.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -243,6 +244,11 @@ def test_files_that_are_not_study_storages_are_one_clear_line(homes, tmp_path):
     sqlite3.connect(plain).execute("create table t (x)").connection.commit()
     text = tmp_path / "notes.log"
     text.write_text('{"not": "a journal entry"}\n')
+    deep = tmp_path / "deep.log"  # nested past what Python's JSON parser can follow
+    deep.write_text('{"op_code": ' + "[" * 100_000 + "\n")
+    damaged = tmp_path / "damaged.log"  # a journal whose second entry is nested so
+    damaged.write_text(json.dumps({"op_code": 0, "worker_id": "w", "study_name": "s",
+                                   "directions": [1]}) + "\n" + deep.read_text())
     secret = tmp_path / "secret.db"
     shutil.copy(plain, secret)
     secret.chmod(0)
@@ -250,6 +256,8 @@ def test_files_that_are_not_study_storages_are_one_clear_line(homes, tmp_path):
         (tmp_path / "missing.db", "no file at", "name a SQLite file or an Optuna journal"),
         (plain, "is a SQLite database but no Optuna storage", "name the file"),
         (text, "is neither a SQLite database nor an Optuna journal file", "name the file"),
+        (deep, "is neither a SQLite database nor an Optuna journal file", "name the file"),
+        (damaged, "could not be read as an Optuna journal", "name the file"),
         (tmp_path, "is a folder", "name a file"),
     ]
     if os.geteuid() != 0:

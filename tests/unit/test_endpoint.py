@@ -97,6 +97,7 @@ NOTHING_SERVED = {
     "not UTF-8": b'{"host": "\xff\xfe"}',
     "without its state": json.dumps({k: v for k, v in FULL.items() if k != "state"}).encode(),
     "in another state": json.dumps({**FULL, "state": "starting"}).encode(),
+    "nested too deeply": b'{"host": ' + b"[" * 100_000,
     "without a port": json.dumps({k: v for k, v in FULL.items() if k != "port"}).encode(),
 }
 

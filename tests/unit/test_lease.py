@@ -111,7 +111,7 @@ def test_a_passing_read_error_is_not_a_loss(home):
                                   json.dumps({**vars(elsewhere(1)), "pid": "1"}).encode(),
                                   json.dumps({**vars(elsewhere(1)), "pid": -1}).encode(),
                                   json.dumps({**vars(elsewhere(1)), "pid": 10**30}).encode(),
-                                  b'{"renewed_at": NaN}'])
+                                  b'{"renewed_at": NaN}', b'{"token": ' + b"[" * 100_000])
 def test_a_malformed_lease_is_reported_then_taken_over_when_unchanged(home, quick, text):
     (home.run / "lease-5.json").write_bytes(text)
     current = lease.read_current(home)

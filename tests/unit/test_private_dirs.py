@@ -29,13 +29,15 @@ def test_only_dirs_proven_ours_and_dead_are_removed(tmp_path):
     gone = _private(base, "gone", dead)
     live = _private(base, "live", own_record())
     unmarked = _private(base, "unmarked")
+    garbled = _private(base, "garbled")
+    (garbled / PRIVATE_MARK).write_text('{"node": ' + "[" * 100_000)
     elsewhere = _private(base, "elsewhere", {**dead, "node": f"{node}-other"})
     open_dir = _private(base, "open", dead, mode=0o755)
     target = _private(tmp_path, "target", dead)  # reached only through a link
     (base / f"pgjob-{UID}-link").symlink_to(target)
     assert remove_stale_private_dirs(UID, (str(base),)) == [gone]
     assert not gone.exists()
-    for kept in (live, unmarked, elsewhere, open_dir, target):
+    for kept in (live, unmarked, garbled, elsewhere, open_dir, target):
         assert (kept / "userlist.txt").is_file(), kept
     assert (base / f"pgjob-{UID}-link").is_symlink()
 
