@@ -106,6 +106,8 @@ def test_a_killed_worker_s_trial_is_failed_by_the_server_and_retried(journal_hom
     try:
         assert until(lambda: journal_home.states("killed") == {"RUNNING": 1}, 60), \
             log.read_text()
+        # killed once its trial has its point (the worker suggests it just after starting)
+        assert until(lambda: journal_home.trials("killed")[0].params, 10), log.read_text()
         trial, = journal_home.trials("killed")
         assert until(lambda: trial._trial_id in journal_home.beats(), 10)
     finally:

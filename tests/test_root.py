@@ -128,12 +128,13 @@ def test_a_full_disk_is_reported_and_the_study_recovers_when_space_is_freed(smal
 OTHER = "pgjobother"  # another user of the same cluster
 
 
-def as_user(user: str, *argv: str, netns: str = "") -> subprocess.CompletedProcess:
+def as_user(user: str, *argv: str, netns: str = "",
+            timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a command as `user` (with a clean environment), in a node's network if given."""
     prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
     return subprocess.run([*prefix, "runuser", "-u", user, "--", "env", "-i",
                            "PATH=/usr/bin:/bin", "HOME=/nonexistent", *argv],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def attacks(home: Path, host: str, port: int, netns: str = "") -> None:
@@ -181,8 +182,9 @@ def test_another_user_on_another_node_gets_nothing_while_the_owner_gets_in(clust
                                              "pgjob-serve.sh"), str(home))
         assert job.returncode == 0, job.stderr
         url = as_user(owner, pgjob, "url", "--home", str(home), "--wait", "90",
-                      "--format", "libpq")
-        assert url.returncode == 0, url.stderr
+                      "--format", "libpq", timeout=120)
+        log = work / f"serve-{job.stdout.strip()}.out"
+        assert url.returncode == 0, url.stderr + (log.read_text() if log.exists() else "")
         attacks(home, cluster["NODE1_ADDR"], int(url.stdout.split(":")[2].split("/")[0]),
                 netns="node2")
         mine = as_user(owner, "psql", "-w", url.stdout.strip(), "-Atc",

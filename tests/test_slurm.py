@@ -57,11 +57,20 @@ class Slurm:
         assert got, f"job {job} is {self.state(job).state}, not one of {states}"
         return got
 
+    def ours(self) -> list[str]:
+        """This test's jobs still queued or running: those it submitted, and those submitted
+        from its folder (the successors renewing servers queue carry the folder along, and
+        submitit's workers are submitted from it). The same user's other jobs are not ours:
+        tests/test_root.py runs its own beside these."""
+        listed = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%A|%i|%Z"],
+                                capture_output=True, text=True, timeout=30).stdout
+        return [job for array, job, folder in (line.split("|", 2) for line in listed.splitlines())
+                if {array, job} & set(self.jobs) or Path(folder).is_relative_to(self.workdir)]
+
     def cancel_all(self) -> None:
-        # also the successors that renewing servers queued themselves
-        subprocess.run(["scancel", "-u", getpass.getuser()], capture_output=True, timeout=30)
-        until(lambda: not subprocess.run(["squeue", "-h", "-u", getpass.getuser()],
-                                         capture_output=True, text=True).stdout.strip(), 60, 0.5)
+        if jobs := self.ours():
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+        until(lambda: not self.ours(), 60, 0.5)
 
 
 @pytest.fixture
