@@ -66,12 +66,16 @@ on conflict (trial_id) do update
 
 
 def this_job() -> str:
-    """The batch job this process runs in, as 'slurm:1234' (the server asks the scheduler
-    about it), or '' outside any job."""
+    """The batch job this process runs in, as 'slurm:1234@0' (the server asks the
+    scheduler about it), or '' outside any job. After '@' is the run of the job, where
+    the scheduler tells it: a job requeued under the same id is run 1, 2, ..., and a
+    trial taken in an earlier run has lost its worker even while the job runs again."""
     name = schedulers.detect()
     if name == "none":
         return ""
-    return f"{name}:{schedulers.get(name).job_id(os.environ)}"
+    found = schedulers.get(name)
+    run = found.run_number(os.environ)
+    return f"{name}:{found.job_id(os.environ)}" + (f"@{run}" if run is not None else "")
 
 
 def this_worker() -> str:

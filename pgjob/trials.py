@@ -6,7 +6,8 @@ The server judges only the trials whose workers declared pgjob heartbeats (a row
 string, Optuna's CLI, an integration with its own RDBStorage) has none and is left to that
 client's own settings: the server never fails it. For a declared trial the worker's batch
 job, when it recorded one, is the better witness than a late heartbeat: a job still running
-keeps its trial, a job that has ended loses it at once.
+keeps its trial, a job that has ended loses it at once, and so does a job requeued and
+running again since the trial was taken (the worker recorded which run of its job it was).
 
 Which trials are RUNNING, and in which study, is the storage's to say: Optuna's tables on
 an rdb home (RdbTrials), the journal's logs on a journal home (JournalTrials, which keeps
@@ -62,7 +63,8 @@ def refresh_heartbeats(conn: psycopg.Connection) -> int:
 
 # Job states in which the worker's process may still run its trial (Slurm's names; the
 # PBS and LSF schedulers translate theirs). Any other state (COMPLETED, FAILED, CANCELLED,
-# TIMEOUT, NODE_FAIL, PREEMPTED, PENDING again after a requeue) means the worker is gone. UNKNOWN
+# TIMEOUT, NODE_FAIL, PREEMPTED, PENDING again after a requeue, and REQUEUED: running again
+# in a later run than the worker's) means the worker is gone. UNKNOWN
 # (the scheduler forgot the job, or could not be asked) tells nothing: the heartbeat judges.
 ALIVE_STATES = frozenset({"RUNNING", "SUSPENDED", "STOPPED", "CONFIGURING", "RESIZING",
                           "SIGNALING"})
@@ -77,7 +79,7 @@ class Declared:
 
     trial_id: int
     study_id: int
-    job: str  # "slurm:1234", or "" outside a batch job
+    job: str  # "slurm:1234@0" (scheduler, id, run), "pbs:12.pbs1", or "" outside a batch job
     grace: int  # seconds
     silent: float  # seconds since the last heartbeat, by the server's clock
 
@@ -92,18 +94,25 @@ def is_dead(trial: Declared, job_state: str | None) -> bool:
 
 def job_state(job: str) -> str | None:
     """What the scheduler says of a worker's job now, or None when nothing can tell (no
-    job recorded, or this node cannot ask that scheduler)."""
-    name, _, job_id = job.partition(":")
+    job recorded, or this node cannot ask that scheduler). A job that runs again after a
+    requeue, in a later run than the worker recorded, is "REQUEUED": the worker is gone."""
+    name, _, rest = job.partition(":")
+    job_id, at, run = rest.partition("@")
     # Written by any holder of the app role's password: an id the scheduler's own tools
     # could take for an option is not asked about.
-    if not JOB_ID.fullmatch(job_id):
+    if not JOB_ID.fullmatch(job_id) or at and not run.isdigit():
         return None
     try:
         queued = schedulers.query(name, job_id)
+        if queued is None or queued.state == "UNKNOWN":
+            return None
+        if at and queued.state in ALIVE_STATES and \
+                (schedulers.restarts(name, job_id) or 0) > int(run):
+            return "REQUEUED"
     except Exception as exc:  # squeue missing on this node, a timeout: judge by heartbeat
         log.debug("could not ask %s about job %s: %s", name, job_id, exc)
         return None
-    return None if queued is None or queued.state == "UNKNOWN" else queued.state
+    return queued.state
 
 
 def retry_callback(max_retry: int):
@@ -329,5 +338,7 @@ class StaleTrialSweeper:
 
 
 def _why(trial: Declared, state: str | None) -> str:
+    if state == "REQUEUED":
+        return f"its job {trial.job.partition('@')[0]} was requeued and runs again without it"
     return f"its job {trial.job} is {state}" if state else \
         f"no heartbeat for {trial.silent:.0f} s (grace period {trial.grace} s)"

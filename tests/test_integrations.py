@@ -27,7 +27,7 @@ from conftest import set_settings, trial_states
 from pgjob.initialize import init
 from pgjob.waiting import until
 from test_optuna_versions import VENVS, Client, _build, client_env
-from test_slurm import FINISHED, REPO, Slurm, published, serve_job
+from test_slurm import FINISHED, REPO, Slurm, published, requeued, serve_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.pg, pytest.mark.slow]
 
@@ -125,14 +125,6 @@ def test_a_hydra_sweep_launched_by_submitit_stores_its_trials_in_pgjob(slurm, ve
     assert status["optuna_schema"]["library_version"] == "2.10.1"
 
 
-def requeues(slurm: Slurm, job: str) -> int:
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
-    for word in shown.stdout.split():
-        if word.startswith("Restarts="):
-            return int(word.split("=")[1])
-    return -1
-
-
 def test_submitit_workers_lose_no_trial_when_submitit_requeues_a_preempted_job(
         slurm, venvs, homes):
     home = homes["current"]
@@ -156,7 +148,7 @@ def test_submitit_workers_lose_no_trial_when_submitit_requeues_a_preempted_job(
             with found.connect() as conn:
                 return conn.execute(
                     "select count(*) from pgjob_heartbeats h join trials t using (trial_id) "
-                    "where t.state = 'RUNNING' and h.job = %s", (f"slurm:{victim}",)
+                    "where t.state = 'RUNNING' and h.job = %s", (f"slurm:{victim}@0",)
                 ).fetchone()[0] == 1 if trial_states(found, "submitit-study").get(
                     "COMPLETE", 0) >= 2 else False
 
@@ -165,7 +157,7 @@ def test_submitit_workers_lose_no_trial_when_submitit_requeues_a_preempted_job(
         # (submitit lets it pass), then the signal submitit checkpoints and requeues on
         for signal in ("SIGTERM", "USR2"):
             subprocess.run(["scancel", "--signal", signal, victim], check=True, timeout=30)
-        assert until(lambda: requeues(slurm, victim) >= 1, 60), requeues(slurm, victim)
+        assert until(lambda: requeued(victim) >= 1, 60), requeued(victim)
         # Slurm holds a requeued job back (BeginTime, about two minutes); meanwhile the
         # server's sweep has failed the cut-short trial and queued its retry
         slurm.wait_state(victim, {"PENDING"}, 60)  # after COMPLETING

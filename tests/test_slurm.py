@@ -57,20 +57,21 @@ class Slurm:
         assert got, f"job {job} is {self.state(job).state}, not one of {states}"
         return got
 
-    def ours(self) -> list[str]:
-        """This test's jobs still queued or running: those it submitted, and those submitted
-        from its folder (the successors renewing servers queue carry the folder along, and
-        submitit's workers are submitted from it). The same user's other jobs are not ours:
-        tests/test_root.py runs its own beside these."""
-        listed = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%A|%i|%Z"],
+    def ours(self) -> set[str]:
+        """This test's jobs still queued or running, by their array's id (which scancel
+        takes for the whole array, or the job's own id): those it submitted, and those
+        submitted from its folder (the successors renewing servers queue carry the folder
+        along, and submitit's workers are submitted from it). The same user's other jobs
+        are not ours: tests/test_root.py runs its own beside these."""
+        listed = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%F|%Z"],
                                 capture_output=True, text=True, timeout=30).stdout
-        return [job for array, job, folder in (line.split("|", 2) for line in listed.splitlines())
-                if {array, job} & set(self.jobs) or Path(folder).is_relative_to(self.workdir)]
+        return {job for job, folder in (line.split("|", 1) for line in listed.splitlines())
+                if job in self.jobs or Path(folder).is_relative_to(self.workdir)}
 
     def cancel_all(self) -> None:
         if jobs := self.ours():
-            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
-        until(lambda: not self.ours(), 60, 0.5)
+            subprocess.run(["scancel", *jobs], check=True, timeout=30)
+        assert until(lambda: not self.ours(), 60, 0.5), f"jobs left on the cluster: {self.ours()}"
 
 
 @pytest.fixture
@@ -336,6 +337,59 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(cluster, slurm, cluster_h
     rescuer = worker_job(slurm, cluster_home, "node3", "retried", 1, 0)
     assert slurm.wait_state(rescuer, FINISHED, 120) == "COMPLETED", worker_logs(slurm)
     assert trial_states(found, "retried") == {"FAIL": 1, "COMPLETE": 1}
+
+
+def test_a_trial_cut_short_by_a_requeue_is_failed_while_the_job_runs_again(
+        cluster, slurm, cluster_home):
+    """Slurm requeues a job under the same id (preemption, `scontrol requeue`); released at
+    once, it runs again before any sweep saw it pending. The trial of its first run has lost
+    its worker all the same: the server fails it and queues its retry while the job's
+    second run goes on, not when that run ends hours later. (serve is stopped meanwhile, so
+    that no sweep falls in the moment the job is not running.)"""
+    server = serve_job(slurm, cluster_home, "node1")
+    found = published(cluster_home)
+    job = worker_job(slurm, cluster_home, "node2", "requeued", 1, 600)
+    assert until(lambda: trial_states(found, "requeued").get("RUNNING") == 1, 90), \
+        (trial_states(found, "requeued"), worker_logs(slurm))
+    time.sleep(3)  # a heartbeat or two, with the job's run recorded
+    with found.connect() as conn:
+        beats = conn.execute("select trial_id, job from pgjob_heartbeats").fetchall()
+    assert len(beats) == 1, (beats, worker_logs(slurm), trial_states(found, "requeued"))
+    (first, recorded), = beats
+    assert recorded == f"slurm:{job}@0"
+    serve = psutil.Process(open_home(cluster_home).read_record(
+        open_home(cluster_home).serve_record)["pid"])
+    serve.suspend()
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+        assert until(lambda: requeued(job) == 1, 30)
+        slurm.wait_state(job, {"PENDING"}, 60)  # Slurm holds it back a while: not here
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True,
+                       timeout=30)
+        slurm.wait_state(job, {"RUNNING"}, 60)
+    finally:
+        serve.resume()
+    assert until(lambda: trial_state(found, first) == "FAIL", 30), trial_states(found, "requeued")
+    assert slurm.state(job).state == "RUNNING"  # failed while the second run goes on
+    log = (cluster_home.parent / f"serve-{server}.out").read_text()
+    assert f"its job slurm:{job} was requeued and runs again without it" in log, log[-2000:]
+    # the second run is the worker now, and the retry waits for a worker to take it
+    assert until(lambda: trial_states(found, "requeued") == {"FAIL": 1, "RUNNING": 1,
+                                                              "WAITING": 1}, 60), \
+        trial_states(found, "requeued")
+
+
+def requeued(job: str) -> int:
+    """How many times Slurm has requeued `job`, as `scontrol show job` says (Restarts=)."""
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                           timeout=30).stdout
+    return next((int(word[9:]) for word in shown.split() if word.startswith("Restarts=")), 0)
+
+
+def trial_state(found, trial_id: int) -> str:
+    with found.connect() as conn:
+        return conn.execute("select state::text from trials where trial_id = %s",
+                            (trial_id,)).fetchone()[0]
 
 
 def test_backup_from_the_login_node_restores_into_a_new_home(cluster, slurm, cluster_home,

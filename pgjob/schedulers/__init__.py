@@ -16,7 +16,7 @@ from .pbs import Pbs
 from .slurm import Slurm
 
 __all__ = ["BATCH", "NONE", "Job", "QueueState", "Resources", "Scheduler", "Table", "cgroup_memory",
-           "current", "detect", "get", "node_name", "query"]
+           "current", "detect", "get", "node_name", "query", "restarts"]
 
 # The batch systems, in the order `pgjob submit` tries their submit commands: Slurm sites
 # often install a qsub wrapper too, so sbatch must win.
@@ -60,3 +60,10 @@ def query(name: str, job_id: str) -> QueueState | None:
     name is not an error."""
     found = _BY_NAME.get(name)
     return found.query(job_id) if found is not None and job_id else None
+
+
+def restarts(name: str, job_id: str) -> int | None:
+    """How many times scheduler `name` has started a job again under its id (a requeue);
+    None when it cannot tell. Like `query`, safe for names and ids read from a record."""
+    found = _BY_NAME.get(name)
+    return found.restarts(job_id) if found is not None and job_id else None

@@ -42,6 +42,9 @@ class Table:
     # Whether the job is signalled before its time limit (Slurm's --signal, LSF's -wa).
     # Where not (PBS), serve stops itself a margin before the job's end.
     warns: bool = True
+    # How many times the job was requeued and started again under the same id (Slurm's
+    # SLURM_RESTART_COUNT, unset in a job's first run); "" where the job is not told.
+    restarts: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,19 @@ class Scheduler:
 
     def job_id(self, env: Env) -> str:
         return env.get(self.table.job_id, "") if self.table is not None else ""
+
+    def run_number(self, env: Env) -> int | None:
+        """Which run of its job this is: 0 for the first, n after n requeues; None where
+        the scheduler does not tell the job."""
+        if self.table is None or not self.table.restarts:
+            return None
+        told = env.get(self.table.restarts, "0")
+        return int(told) if told.isdigit() else None
+
+    def restarts(self, job_id: str) -> int | None:
+        """How many times the scheduler has started the job again since it first ran;
+        None when it cannot tell."""
+        return None
 
     def node_name(self, env: Env) -> str:
         """This node's name as the scheduler knows it, else the short host name. Cheap:

@@ -16,7 +16,8 @@ from .base import MB, Env, QueueState, Resources, Scheduler, Table, own_command
 if TYPE_CHECKING:
     from ..home import Home
 
-TABLE = Table("SLURM_JOB_ID", "SLURM_JOB_ID", node_vars=("SLURMD_NODENAME",))
+TABLE = Table("SLURM_JOB_ID", "SLURM_JOB_ID", node_vars=("SLURMD_NODENAME",),
+              restarts="SLURM_RESTART_COUNT")
 
 
 def parse_duration(text: str) -> float | None:
@@ -102,6 +103,15 @@ class Slurm(Scheduler):
         except CommandFailed:
             return QueueState("UNKNOWN", None, "")
         return QueueState(shown.get("JobState", "UNKNOWN"), None, shown.get("NodeList", ""))
+
+    def restarts(self, job_id: str) -> int | None:
+        try:
+            shown = parse_show(proc.run(["scontrol", "show", "job", "-o", job_id],
+                                        timeout=20, what="scontrol failed"))
+        except CommandFailed:
+            return None
+        count = shown.get("Restarts", "")
+        return int(count) if count.isdigit() else None
 
     def limits(self, env: Env, job_id: str) -> tuple[int | None, float | None]:
         end = env.get("SLURM_JOB_END_TIME", "")

@@ -116,6 +116,13 @@ def test_a_worker_records_its_job_as_scheduler_and_id(monkeypatch):
     assert heartbeat.this_job() == ""
     monkeypatch.setenv("PBS_JOBID", "12.pbs1")
     assert heartbeat.this_job() == "pbs:12.pbs1"
+    monkeypatch.delenv("PBS_JOBID")
+    # Slurm tells a job which run it is: none in the first, the count after requeues
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert heartbeat.this_job() == "slurm:7@0"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert heartbeat.this_job() == "slurm:7@2"
 
 
 def test_cgroup_v2_and_v1_limits(tmp_path):

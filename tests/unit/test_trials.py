@@ -54,6 +54,30 @@ def test_a_job_id_that_looks_like_an_option_is_never_handed_to_the_scheduler(mon
     assert asked == ["1234.pbs1"]
 
 
+def test_a_job_running_again_after_a_requeue_has_lost_the_trial_of_its_earlier_run(
+        monkeypatch):
+    """Requeued under its id and released at once, a job runs again before any sweep saw
+    it pending: the trial its first run took is the worker's no more. (The answers of
+    squeue and scontrol are replaced: what is judged from them is under test.)"""
+    state, restarts, asked = "RUNNING", 1, []
+    monkeypatch.setattr(trials.schedulers, "query",
+                        lambda name, job_id: QueueState(state, 60, "node2"))
+    monkeypatch.setattr(trials.schedulers, "restarts",
+                        lambda name, job_id: asked.append(job_id) or restarts)
+    assert trials.job_state("slurm:7@0") == "REQUEUED"
+    assert is_dead(declared(silent=1, job="slurm:7@0"), "REQUEUED")
+    assert trials._why(declared(1, job="slurm:7@0"), "REQUEUED") == \
+        "its job slurm:7 was requeued and runs again without it"
+    assert trials.job_state("slurm:7@1") == "RUNNING"  # the trial of the run going on
+    assert trials.job_state("slurm:7") == "RUNNING"  # recorded without its run: kept
+    restarts = None
+    assert trials.job_state("slurm:7@0") == "RUNNING"  # scontrol could not tell
+    state = "PENDING"
+    assert trials.job_state("slurm:7@0") == "PENDING"  # not running: no need to ask
+    assert asked == ["7", "7", "7"]
+    assert trials.job_state("slurm:7@x") is None and trials.job_state("slurm:7@-1") is None
+
+
 def test_a_journal_home_s_beats_are_judged_only_for_trials_its_journal_says_run():
     beats = [(3, "slurm:7", 120, 5.0), (4, "", 120, 400.0), (9, "", 60, 1.0)]
     running = {3: 0, 4: 1}  # trial 9 finished (or its study was deleted)
