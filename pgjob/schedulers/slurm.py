@@ -48,6 +48,12 @@ def parse_show(text: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in text.split() if "=" in f)
 
 
+def show_job(job_id: str, what: str = "scontrol failed", timeout: float = 20) -> dict[str, str]:
+    """`scontrol show job` of a job, as its fields; CommandFailed when Slurm cannot show it."""
+    return parse_show(proc.run(["scontrol", "show", "job", "-o", job_id], timeout=timeout,
+                               what=what))
+
+
 def sbatch_argv(home: Home, extra: tuple[str, ...], script: Path) -> list[str]:
     # Our defaults come first: sbatch lets a later option override an earlier one.
     return ["sbatch", "--parsable", f"--export=ALL,PGJOB_HOME={home.path},PGJOB={own_command()}",
@@ -98,16 +104,14 @@ class Slurm(Scheduler):
             state, left, node = out.strip().splitlines()[0].split("|", 2)
             return QueueState(state, parse_duration(left), node)
         try:
-            shown = parse_show(proc.run(["scontrol", "show", "job", "-o", job_id],
-                                        timeout=20, what="scontrol failed"))
+            shown = show_job(job_id)
         except CommandFailed:
             return QueueState("UNKNOWN", None, "")
         return QueueState(shown.get("JobState", "UNKNOWN"), None, shown.get("NodeList", ""))
 
     def restarts(self, job_id: str) -> int | None:
         try:
-            shown = parse_show(proc.run(["scontrol", "show", "job", "-o", job_id],
-                                        timeout=20, what="scontrol failed"))
+            shown = show_job(job_id)
         except CommandFailed:
             return None
         count = shown.get("Restarts", "")
@@ -135,8 +139,7 @@ class Slurm(Scheduler):
         return super().run_submit(argv, home, script, what).split(";")[0]
 
     def submit_successor(self, home: Home, job_id: str) -> str:
-        shown = parse_show(proc.run(["scontrol", "show", "job", "-o", job_id], timeout=30,
-                                    what=f"scontrol could not show job {job_id}"))
+        shown = show_job(job_id, what=f"scontrol could not show job {job_id}", timeout=30)
         if not shown.get("Command") or not Path(shown["Command"]).is_file():
             raise PgJobError(f"cannot renew job {job_id}: its script ({shown.get('Command')}) "
                              "is not a file that a new job could run")

@@ -12,15 +12,6 @@ from sqlalchemy.engine import make_url
 
 from pgjob import endpoint
 from pgjob.errors import NotPublished, UsageError
-from pgjob.home import Home
-
-
-@pytest.fixture
-def home(tmp_path):
-    found = Home(tmp_path / "home")
-    for folder in (found.path, found.secrets, found.run):
-        folder.mkdir(mode=0o700)
-    return found
 
 
 def published(home, **changes) -> endpoint.Endpoint:

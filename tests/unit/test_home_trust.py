@@ -2,10 +2,7 @@
 from pgjob.home import Home
 
 
-def test_a_file_that_vanishes_while_the_home_is_checked_is_no_error(tmp_path, monkeypatch):
-    home = Home(tmp_path / "home")
-    for folder in (home.path, home.secrets, home.run):
-        folder.mkdir(mode=0o700)
+def test_a_file_that_vanishes_while_the_home_is_checked_is_no_error(home, monkeypatch):
     listed = home.guarded_paths()
     # serve's lease writer renames its temporary file between the listing and the check
     monkeypatch.setattr(Home, "guarded_paths",

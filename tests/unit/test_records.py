@@ -2,16 +2,6 @@
 is one it does not have, whatever is in the file."""
 import pytest
 
-from pgjob.home import Home
-
-
-@pytest.fixture
-def home(tmp_path):
-    found = Home(tmp_path / "home")
-    for folder in (found.path, found.secrets, found.run):
-        folder.mkdir(mode=0o700)
-    return found
-
 
 def test_a_record_written_is_read_back(home):
     home.write_record(home.serve_record, {"node": "node1", "pid": 7})
