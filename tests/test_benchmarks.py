@@ -11,7 +11,6 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 
 
 @pytest.mark.pg
-@pytest.mark.slow  # two minutes: it runs beside the cluster tests, which mostly wait
 def test_benchmarks_run_in_quick_mode_and_write_the_report(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
